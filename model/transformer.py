@@ -1,0 +1,273 @@
+"""The encoder-decoder Transformer of "Attention Is All You Need" (Flax linen).
+
+Functional: ``Transformer(config).init(...)`` returns a params pytree and
+``apply`` is pure. Entry points (all take int32 token ids, pad id 0):
+
+  logits  = apply(v, src, tgt)                           # teacher forcing
+  encoded = apply(v, src, method=Transformer.encode)     # [batch, src_len, d_model]
+  logits  = apply(v, encoded, src, tgt, method=Transformer.decode)
+
+``tgt`` holds the target sentence ending with eos; the decoder shifts it right
+internally (start token = pad id 0). Packed rows pass ``*_segment_ids`` (1, 2,
+... per pair, 0 for padding) and per-pair ``*_positions``; attention never
+crosses pairs.
+
+For one-token-at-a-time inference build ``Transformer(config, use_cache=True)``,
+create the key/value cache with ``init_cache`` and call ``decode`` with
+``tgt`` = the previous token [batch, 1] and ``mutable=["cache"]``.
+
+Params tree (documented names, for anyone opening a checkpoint):
+  shared_embedding/embedding                [vocab, d_model]   (joint vocab)
+  (or source_embedding, target_embedding and, untied, output_projection/kernel)
+  encoder/layers_{i}/self_attention/{query,key,value}/{kernel,bias}
+                                            kernel [d_model, heads, head_dim]
+  encoder/layers_{i}/self_attention/out/{kernel [heads, head_dim, d_model], bias}
+  encoder/layers_{i}/self_attention_norm/{scale,bias}
+  encoder/layers_{i}/ffn/wi/{kernel [d_model, d_ff], bias}, ffn/wo/{kernel, bias}
+  encoder/layers_{i}/ffn_norm/{scale,bias}
+  decoder/layers_{i}/{self_attention, cross_attention, ffn}(+ _norm) likewise
+  encoder/final_norm, decoder/final_norm    (only with pre_ln)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model import layers
+from model.config import PAD_ID, TransformerConfig
+
+
+def shift_right(tgt, segment_ids=None):
+  """Decoder inputs: tgt shifted one step right, start token 0 at each pair."""
+  shifted = jnp.pad(tgt, ((0, 0), (1, 0)), constant_values=PAD_ID)[:, :-1]
+  if segment_ids is not None:
+    prev = jnp.pad(segment_ids, ((0, 0), (1, 0)))[:, :-1]
+    shifted = jnp.where(segment_ids == prev, shifted, PAD_ID)
+  return shifted
+
+
+def _default_positions(tokens):
+  return jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape)
+
+
+def _pair_mask(q_tokens, k_tokens, q_segments=None, k_segments=None):
+  """[batch, 1, q_len, k_len]: both positions real and in the same pair."""
+  mask = nn.make_attention_mask(q_tokens != PAD_ID, k_tokens != PAD_ID)
+  if q_segments is not None:
+    mask = nn.combine_masks(
+        mask, nn.make_attention_mask(q_segments, k_segments, jnp.equal))
+  return mask
+
+
+class EncoderLayer(nn.Module):
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x, mask, deterministic: bool):
+    """x: [batch, src_len, d_model]; mask: [batch, 1, src_len, src_len]."""
+    cfg = self.config
+    self_attention = layers.attention(cfg, "self_attention")
+    x = layers.residual(
+        cfg, "self_attention", x,
+        lambda h: self_attention(h, h, mask=mask, deterministic=deterministic,
+                                 sow_weights=True),
+        deterministic)
+    x = layers.residual(cfg, "ffn", x, layers.FeedForward(cfg, name="ffn"),
+                        deterministic)
+    return layers.constrain(x)
+
+
+class DecoderLayer(nn.Module):
+  config: TransformerConfig
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, y, encoded, self_mask, cross_mask, deterministic: bool):
+    """y: [batch, tgt_len, d_model]; encoded: [batch, src_len, d_model]."""
+    cfg = self.config
+    self_attention = layers.attention(cfg, "self_attention", decode=self.decode)
+    cross_attention = layers.attention(cfg, "cross_attention")
+    y = layers.residual(
+        cfg, "self_attention", y,
+        lambda h: self_attention(h, h, mask=self_mask,
+                                 deterministic=deterministic, sow_weights=True),
+        deterministic)
+    y = layers.residual(
+        cfg, "cross_attention", y,
+        lambda h: cross_attention(h, encoded, mask=cross_mask,
+                                  deterministic=deterministic, sow_weights=True),
+        deterministic)
+    y = layers.residual(cfg, "ffn", y, layers.FeedForward(cfg, name="ffn"),
+                        deterministic)
+    return layers.constrain(y)
+
+
+class Encoder(nn.Module):
+  config: TransformerConfig
+  embed: nn.Module
+
+  @nn.compact
+  def __call__(self, src, src_segment_ids=None, src_positions=None,
+               deterministic: bool = True):
+    """src: int [batch, src_len] -> [batch, src_len, d_model]."""
+    cfg = self.config
+    if src_positions is None:
+      src_positions = _default_positions(src)
+    x = layers.embed_tokens(cfg, self.embed, src, src_positions,
+                            nn.Dropout(cfg.dropout_rate), deterministic)
+    mask = _pair_mask(src, src, src_segment_ids, src_segment_ids)
+    for i in range(cfg.num_encoder_layers):
+      x = EncoderLayer(cfg, name=f"layers_{i}")(x, mask, deterministic)
+    if cfg.pre_ln:
+      x = layers.layer_norm(cfg, "final_norm")(x)
+    return x
+
+
+class Decoder(nn.Module):
+  config: TransformerConfig
+  embed: nn.Module
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, encoded, decoder_inputs, self_mask, cross_mask,
+               tgt_positions=None, deterministic: bool = True):
+    """decoder_inputs: int [batch, tgt_len] -> [batch, tgt_len, d_model]."""
+    cfg = self.config
+    if self.decode:
+      # The position of the token being fed, kept in the cache with the keys.
+      initialized = self.has_variable("cache", "position")
+      position = self.variable("cache", "position",
+                               lambda: jnp.zeros((), jnp.int32))
+      if initialized:
+        tgt_positions = jnp.broadcast_to(position.value, decoder_inputs.shape)
+        position.value = position.value + 1
+    if tgt_positions is None:
+      tgt_positions = _default_positions(decoder_inputs)
+    y = layers.embed_tokens(cfg, self.embed, decoder_inputs, tgt_positions,
+                            nn.Dropout(cfg.dropout_rate), deterministic)
+    for i in range(cfg.num_decoder_layers):
+      y = DecoderLayer(cfg, decode=self.decode, name=f"layers_{i}")(
+          y, encoded, self_mask, cross_mask, deterministic)
+    if cfg.pre_ln:
+      y = layers.layer_norm(cfg, "final_norm")(y)
+    return y
+
+
+class Transformer(nn.Module):
+  """Encoder-decoder Transformer; see the module docstring for the API."""
+
+  config: TransformerConfig
+  use_cache: bool = False  # one-token-at-a-time decoding with a KV cache
+
+  def setup(self):
+    cfg = self.config
+    if cfg.share_embeddings:
+      self.source_embedding = layers.embedding(cfg, cfg.vocab_size,
+                                               "shared_embedding")
+      self.target_embedding = self.source_embedding
+    else:
+      self.source_embedding = layers.embedding(cfg, cfg.vocab_size,
+                                               "source_embedding")
+      self.target_embedding = layers.embedding(cfg, cfg.output_vocab_size,
+                                               "target_embedding")
+      if not cfg.tie_output_embedding:
+        self.output_projection = nn.Dense(
+            cfg.output_vocab_size, use_bias=False, dtype=cfg.compute_dtype,
+            param_dtype=jnp.float32,
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.xavier_uniform(), ("embed", "vocab")))
+    self.encoder = Encoder(cfg, self.source_embedding)
+    self.decoder = Decoder(cfg, self.target_embedding, decode=self.use_cache)
+
+  def encode(self, src, src_segment_ids=None, src_positions=None,
+             deterministic: bool = True):
+    """src: int [batch, src_len] -> encoded [batch, src_len, d_model]."""
+    return self.encoder(src, src_segment_ids, src_positions, deterministic)
+
+  def decode(self, encoded, src, tgt, src_segment_ids=None,
+             tgt_segment_ids=None, tgt_positions=None,
+             deterministic: bool = True):
+    """Logits float32 [batch, tgt_len, vocab] of each next target token.
+
+    Teacher forcing: tgt is the whole target (shifted right here). With
+    ``use_cache=True``: tgt is the previous token [batch, 1], fed as it is.
+    """
+    if self.use_cache:
+      decoder_inputs = tgt
+      self_mask = None  # the cache applies causality itself
+      cross_mask = nn.make_attention_mask(jnp.ones_like(tgt, bool),
+                                          src != PAD_ID)
+    else:
+      decoder_inputs = shift_right(tgt, tgt_segment_ids)
+      self_mask = nn.combine_masks(
+          _pair_mask(tgt, tgt, tgt_segment_ids, tgt_segment_ids),
+          nn.make_causal_mask(tgt))
+      cross_mask = _pair_mask(tgt, src, tgt_segment_ids, src_segment_ids)
+    y = self.decoder(encoded, decoder_inputs, self_mask, cross_mask,
+                     tgt_positions, deterministic)
+    if self.config.share_embeddings or self.config.tie_output_embedding:
+      logits = self.target_embedding.attend(y)  # section 3.4: tied weights
+    else:
+      logits = self.output_projection(y)
+    logits = layers.constrain(
+        logits, ("activation_batch", "activation_length", "activation_vocab"))
+    return logits.astype(jnp.float32)
+
+  def __call__(self, src, tgt, src_segment_ids=None, tgt_segment_ids=None,
+               src_positions=None, tgt_positions=None,
+               deterministic: bool = True):
+    """Teacher-forced logits float32 [batch, tgt_len, vocab]."""
+    encoded = self.encode(src, src_segment_ids, src_positions, deterministic)
+    return self.decode(encoded, src, tgt, src_segment_ids, tgt_segment_ids,
+                       tgt_positions, deterministic)
+
+
+def init_params(config: TransformerConfig, rng, src_len: int = 8,
+                tgt_len: int = 8):
+  """Fresh params pytree (logical-axis boxes removed)."""
+  src = jnp.ones((1, src_len), jnp.int32)
+  tgt = jnp.ones((1, tgt_len), jnp.int32)
+  variables = Transformer(config).init(rng, src, tgt)
+  return nn.unbox(variables["params"])
+
+
+def init_cache(config: TransformerConfig, batch_size: int, max_decode_len: int,
+               src_len: int) -> Any:
+  """Zero key/value cache for ``Transformer(config, use_cache=True)``.
+
+  Built from shapes alone (``jax.eval_shape``), so no parameters are made.
+  """
+  model = Transformer(config, use_cache=True)
+  src = jnp.ones((batch_size, src_len), jnp.int32)
+  tgt = jnp.ones((batch_size, max_decode_len), jnp.int32)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), src, tgt))
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                      nn.unbox(shapes["cache"]))
+
+
+def attention_weights(config: TransformerConfig, params, src, tgt
+                      ) -> dict[str, list[jax.Array]]:
+  """Attention maps of every layer, for heat maps.
+
+  Returns {"encoder_self", "decoder_self", "encoder_decoder"}, each a list
+  (one per layer) of float32 [batch, heads, query_len, key_len]; rows sum to
+  one, masked keys get zero.
+  """
+  _, state = Transformer(config).apply(
+      {"params": params}, src, tgt, mutable=["intermediates"])
+  inter = state["intermediates"]
+  get = lambda part, n, kind: [
+      inter[part][f"layers_{i}"][kind]["attention_weights"][0]
+      for i in range(n)]
+  return {
+      "encoder_self": get("encoder", config.num_encoder_layers,
+                          "self_attention"),
+      "decoder_self": get("decoder", config.num_decoder_layers,
+                          "self_attention"),
+      "encoder_decoder": get("decoder", config.num_decoder_layers,
+                             "cross_attention"),
+  }
