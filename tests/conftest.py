@@ -1,0 +1,60 @@
+"""Shared fixtures.
+
+--- data / tokenizer fixtures (owned by the input-pipeline tests) ---
+`bible_data_dir`: a tfds data_dir holding `bible_es_en`, built once per test
+run and shared by pytest-xdist workers (file lock), or $BIBLE_TFDS_DATA_DIR if
+it already holds a built copy. `bible_config`: `config.data` pointing at it.
+`bible_tokenizer`: the default 8k unigram SentencePiece model trained on the
+Bible train split, also built once per run.
+"""
+
+import contextlib
+import fcntl
+import os
+
+import pytest
+
+
+@contextlib.contextmanager
+def _shared_build(tmp_path_factory, name):
+  """A directory shared by all xdist workers of this run, built under a lock."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # Common to every worker of this run.
+  path = root / name
+  with open(root / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield path
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="session")
+def bible_data_dir(tmp_path_factory):
+  import tensorflow_datasets as tfds
+  import train.datasets  # noqa: F401
+
+  given = os.environ.get("BIBLE_TFDS_DATA_DIR")
+  if given:
+    return given
+  with _shared_build(tmp_path_factory, "tfds_data") as path:
+    tfds.builder("bible_es_en", data_dir=str(path)).download_and_prepare()
+  return str(path)
+
+
+@pytest.fixture(scope="session")
+def bible_config(bible_data_dir):
+  from train import input_pipeline
+
+  config = input_pipeline.default_data_config()
+  config.data_dir = bible_data_dir
+  return config
+
+
+@pytest.fixture(scope="session")
+def bible_tokenizer(bible_config, tmp_path_factory):
+  from train import input_pipeline
+
+  with _shared_build(tmp_path_factory, "bible_workdir") as workdir:
+    return input_pipeline.train_or_load_tokenizer(bible_config, str(workdir))

@@ -1,0 +1,123 @@
+"""One random-access view over every data source: `{"src": str, "tgt": str}`.
+
+`get_source(data_config, split)` returns a `PairSource` (a Grain
+`RandomAccessDataSource`: `len()` and `[i]`) for
+- a tfds dataset by name (`bible_es_en`, `wmt14_translate/de-en`,
+  `wmt17_translate/de-en`, ...) read with `tfds.data_source` from
+  `data_config.data_dir` (local or gs://); the features named by
+  `source_lang` / `target_lang` become `src` / `tgt`, which is the direction
+  switch (es->en, en->de, de->en). Datasets not yet prepared are built on
+  first use (bible_es_en builds in seconds; WMT downloads, so prepare it
+  beforehand with `tfds build wmt14_translate/de-en --file_format=array_record`);
+- `parallel_text`: the user's files, `data_config.{train,eval}_{src,tgt,tsv}_file`
+  (the train files serve `train_split`, the eval files every other split).
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import tensorflow_datasets as tfds
+
+from train.datasets import bible_es_en  # noqa: F401  (registers the builder)
+from train.datasets import parallel_text
+
+PARALLEL_TEXT = "parallel_text"
+
+
+class PairSource(Sequence):
+  """Random access to `{"src": str, "tgt": str}` pairs (Grain data source)."""
+
+  def __init__(self, records: Sequence[Any], src_key: str, tgt_key: str,
+               description: str):
+    self._records = records
+    self._src_key = src_key
+    self._tgt_key = tgt_key
+    self.description = description
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, index: int) -> dict[str, str]:
+    record = self._records[index]
+    return {"src": _text(record[self._src_key]), "tgt": _text(record[self._tgt_key])}
+
+  def get_many(self, indices) -> list[dict[str, str]]:
+    """Pairs at `indices` (a plain loop: tfds's mock data cannot batch-read)."""
+    return [self[i] for i in indices]
+
+  def __repr__(self) -> str:
+    return f"PairSource({self.description}, {len(self)} pairs)"
+
+
+def _text(value) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+class _ParallelRecords(Sequence):
+  def __init__(self, pairs: parallel_text.ParallelText):
+    self._pairs = pairs
+
+  def __len__(self):
+    return len(self._pairs)
+
+  def __getitem__(self, index):
+    return {"src": self._pairs.src[index], "tgt": self._pairs.tgt[index]}
+
+
+def _parallel_text_source(data_config, split: str) -> PairSource:
+  prefix = "train" if split == data_config.train_split else "eval"
+  files = {
+      k: data_config.get(f"{prefix}_{k}_file") or None
+      for k in ("src", "tgt", "tsv")
+  }
+  pairs = parallel_text.read_parallel_text(
+      src_path=files["src"], tgt_path=files["tgt"], tsv_path=files["tsv"]
+  )
+  where = files["tsv"] or f"{files['src']} | {files['tgt']}"
+  return PairSource(_ParallelRecords(pairs), "src", "tgt", f"parallel_text {where}")
+
+
+_WMT = re.compile(r"^wmt(\d\d|_t2t)_translate\b")
+
+
+def ensure_registered(name: str) -> None:
+  """Imports the tfds module defining a WMT builder, e.g. wmt14_translate.
+
+  Without TensorFlow installed, `import tensorflow_datasets` skips registering
+  its translate builders (the `tensorflow_datasets.translate` package
+  imports TF); the per-year modules themselves import without it.
+  """
+  match = _WMT.match(name)
+  if match:
+    importlib.import_module(f"tensorflow_datasets.translate.wmt{match.group(1)}")
+
+
+def _tfds_source(data_config, split: str) -> PairSource:
+  ensure_registered(data_config.name)
+  records = tfds.data_source(
+      data_config.name, split=split, data_dir=data_config.data_dir or None
+  )
+  features = set(records[0].keys()) if len(records) else set()
+  for lang in (data_config.source_lang, data_config.target_lang):
+    if features and lang not in features:
+      raise ValueError(
+          f"Dataset {data_config.name!r} has no feature {lang!r} (it has "
+          f"{sorted(features)}). Set config.data.source_lang / target_lang "
+          "to two of those."
+      )
+  return PairSource(
+      records, data_config.source_lang, data_config.target_lang,
+      f"{data_config.name}[{split}] {data_config.source_lang}->"
+      f"{data_config.target_lang}",
+  )
+
+
+def get_source(data_config, split: str) -> PairSource:
+  """The `{"src", "tgt"}` pairs of one split, for the configured direction."""
+  if data_config.name == PARALLEL_TEXT:
+    return _parallel_text_source(data_config, split)
+  return _tfds_source(data_config, split)
