@@ -1,0 +1,244 @@
+"""train_step / eval_step: pure functions of (state, batch, rng).
+
+Everything here is placement-agnostic: the same ``train_step`` runs on one
+device, under ``jax.jit`` over a sharded mesh, or under ``jax.pmap`` (see
+``train/sharding.py``, which passes ``axis_name`` for the pmap case).
+
+Loss (section 5.4, "Label Smoothing"): cross-entropy between the model's
+softmax and the smoothed target distribution
+
+    q = (1 - eps) * one_hot(y) + eps / V       (``optax.smooth_labels``)
+
+summed over non-pad target tokens (weights = ``tgt != 0``) and divided by
+their count. Its minimum is not 0 but the entropy of q,
+
+    H(q) = -(1 - eps + eps/V) log(1 - eps + eps/V) - (V - 1) (eps/V) log(eps/V),
+
+a constant offset (``label_smoothing_floor``; about 1.5 nats for eps=0.1,
+V=8000). The reported ``loss`` includes it (it is what is optimised); ``nll``
+is the plain cross-entropy against one_hot(y), ``perplexity = exp(nll)``.
+
+Optimiser (section 5.3): Adam(beta1=0.9, beta2=0.98, eps=1e-9) with
+
+    lr(step) = scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)
+
+with ``step`` counted from 1 (optimizer updates, not micro-batches).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from model import PAD_ID, Transformer, TransformerConfig
+
+Batch = dict[str, jax.Array]
+BATCH_KEYS = ("src", "tgt", "src_segment_ids", "tgt_segment_ids",
+              "src_positions", "tgt_positions")
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """What a training run carries from step to step (and checkpoints).
+
+  step: int32 scalar, number of train_step calls done (micro-batches).
+  params: the model's params tree (float32), names in model/transformer.py.
+  opt_state: the Optax state (Adam moments, counts, accumulators).
+  """
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+# ---------------------------------------------------------------- schedule
+
+def learning_rate_schedule(d_model: int, warmup_steps: int = 4000,
+                           scale: float = 1.0) -> optax.Schedule:
+  """Section 5.3, eq. (3): scale * d_model^-0.5 * min(s^-0.5, s * warmup^-1.5).
+
+  The returned function takes Optax's update count (0-based) and uses
+  s = count + 1, so the first update gets lr(1).
+  """
+  def schedule(count):
+    s = jnp.asarray(count, jnp.float32) + 1.0
+    return (scale * d_model**-0.5 *
+            jnp.minimum(s**-0.5, s * float(warmup_steps)**-1.5))
+  return schedule
+
+
+def make_optimizer(opt_config, d_model: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Adam + the paper's schedule, optional clipping and accumulation.
+
+  opt_config fields: learning_rate_scale, warmup_steps, adam_b1, adam_b2,
+  adam_eps, grad_clip_norm (0 = off), grad_accum_steps (1 = off),
+  weight_decay (0 = off, AdamW; a departure from the paper).
+  """
+  schedule = learning_rate_schedule(d_model, opt_config.warmup_steps,
+                                    opt_config.learning_rate_scale)
+  parts = []
+  if opt_config.grad_clip_norm and opt_config.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(opt_config.grad_clip_norm))
+  if opt_config.get("weight_decay", 0.0):
+    parts.append(optax.adamw(schedule, b1=opt_config.adam_b1,
+                             b2=opt_config.adam_b2, eps=opt_config.adam_eps,
+                             weight_decay=opt_config.weight_decay))
+  else:
+    parts.append(optax.adam(schedule, b1=opt_config.adam_b1,
+                            b2=opt_config.adam_b2, eps=opt_config.adam_eps))
+  tx = optax.chain(*parts)
+  if opt_config.grad_accum_steps > 1:
+    # Each train_step is one micro-batch; the update happens every k steps.
+    tx = optax.MultiSteps(tx, every_k_schedule=opt_config.grad_accum_steps)
+  return tx, schedule
+
+
+# ---------------------------------------------------------------- loss
+
+def label_smoothing_floor(vocab_size: int, label_smoothing: float) -> float:
+  """H(q): the smallest value the smoothed cross-entropy can take, per token."""
+  if label_smoothing <= 0:
+    return 0.0
+  high = 1.0 - label_smoothing + label_smoothing / vocab_size
+  low = label_smoothing / vocab_size
+  return float(-(high * np.log(high) + (vocab_size - 1) * low * np.log(low)))
+
+
+def loss_sums(logits, targets, label_smoothing: float) -> dict[str, jax.Array]:
+  """Sums over non-pad tokens (not yet normalised).
+
+  logits: float32 [batch, length, vocab]; targets: int [batch, length].
+  Returns loss_sum (smoothed CE), nll_sum, correct, num_tokens (float32).
+  """
+  weights = (targets != PAD_ID).astype(jnp.float32)
+  one_hot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+  nll = -jnp.sum(one_hot * log_probs, axis=-1)
+  if label_smoothing > 0:
+    smoothed = optax.smooth_labels(one_hot, label_smoothing)
+    loss = optax.softmax_cross_entropy(logits, smoothed)
+  else:
+    loss = nll
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return {
+      "loss_sum": jnp.sum(loss * weights),
+      "nll_sum": jnp.sum(nll * weights),
+      "correct": jnp.sum(correct * weights),
+      "num_tokens": jnp.sum(weights),
+  }
+
+
+def normalise(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """loss, nll, perplexity, accuracy per non-pad token, from ``loss_sums``."""
+  n = jnp.maximum(sums["num_tokens"], 1.0)
+  nll = sums["nll_sum"] / n
+  return {"loss": sums["loss_sum"] / n, "nll": nll,
+          "perplexity": jnp.exp(jnp.minimum(nll, 50.0)),
+          "accuracy": sums["correct"] / n, "num_tokens": sums["num_tokens"]}
+
+
+# ---------------------------------------------------------------- steps
+
+def _apply(model: Transformer, params, batch: Batch, deterministic: bool,
+           dropout_rng=None):
+  rngs = None if deterministic else {"dropout": dropout_rng}
+  return model.apply(
+      {"params": params}, batch["src"], batch["tgt"],
+      src_segment_ids=batch.get("src_segment_ids"),
+      tgt_segment_ids=batch.get("tgt_segment_ids"),
+      src_positions=batch.get("src_positions"),
+      tgt_positions=batch.get("tgt_positions"),
+      deterministic=deterministic, rngs=rngs)
+
+
+def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
+               model: Transformer, tx: optax.GradientTransformation,
+               schedule: optax.Schedule, label_smoothing: float = 0.1,
+               grad_accum_steps: int = 1, axis_name: str | None = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimiser step (or micro-step) on ``batch``; returns (state, metrics).
+
+  rng: the run's base dropout key; the step's key is fold_in(rng, step), so
+  a resumed run draws exactly the masks an uninterrupted run would.
+  axis_name: set under pmap; each device's loss is its token sum divided by
+  the *global* token count, so the psum of gradients is the gradient of the
+  global mean loss: the same numbers as one device holding the whole batch.
+  """
+  dropout_rng = jax.random.fold_in(rng, state.step)
+  if axis_name is not None:
+    dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
+  num_tokens = jnp.sum((batch["tgt"] != PAD_ID).astype(jnp.float32))
+  if axis_name is not None:
+    num_tokens = jax.lax.psum(num_tokens, axis_name)
+  num_tokens = jnp.maximum(num_tokens, 1.0)
+
+  def loss_fn(params):
+    logits = _apply(model, params, batch, False, dropout_rng)
+    sums = loss_sums(logits, batch["tgt"], label_smoothing)
+    return sums["loss_sum"] / num_tokens, sums
+
+  grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
+  if axis_name is not None:
+    grads = jax.lax.psum(grads, axis_name)
+    sums = jax.lax.psum(sums, axis_name)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = normalise(sums)
+  metrics["grad_norm"] = optax.tree.norm(grads)
+  metrics["learning_rate"] = schedule(state.step // grad_accum_steps)
+  new_state = state.replace(step=state.step + 1, params=params,
+                            opt_state=opt_state)
+  return new_state, metrics
+
+
+def eval_step(params, batch: Batch, *, model: Transformer,
+              label_smoothing: float = 0.1, axis_name: str | None = None
+              ) -> dict[str, jax.Array]:
+  """Sums (loss_sum, nll_sum, correct, num_tokens) on ``batch``, no dropout.
+
+  Add the sums of all batches, then ``normalise`` them.
+  """
+  logits = _apply(model, params, batch, True)
+  sums = loss_sums(logits, batch["tgt"], label_smoothing)
+  if axis_name is not None:
+    sums = jax.lax.psum(sums, axis_name)
+  return sums
+
+
+# ---------------------------------------------------------------- building
+
+def create_train_state(model: Transformer, tx: optax.GradientTransformation,
+                       rng: jax.Array, example_batch: Batch,
+                       boxed: bool = False) -> TrainState:
+  """Fresh state. boxed=True keeps the logical-axis boxes (for eval_shape)."""
+  variables = model.init(rng, example_batch["src"], example_batch["tgt"])
+  params = variables["params"]
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                     opt_state=tx.init(params))
+  return state if boxed else nn.unbox(state)
+
+
+def build(config, model_config: TransformerConfig) -> dict[str, Any]:
+  """The model, optimiser and the two step functions bound to them."""
+  model = Transformer(model_config)
+  tx, schedule = make_optimizer(config.optimizer, model_config.d_model)
+  accum = max(1, int(config.optimizer.grad_accum_steps))
+  step = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                           label_smoothing=config.label_smoothing,
+                           grad_accum_steps=accum)
+  evaluate = functools.partial(eval_step, model=model,
+                               label_smoothing=config.label_smoothing)
+  return {"model": model, "tx": tx, "schedule": schedule,
+          "train_step": step, "eval_step": evaluate}
+
+
+def example_batch(batch_size: int, max_len: int) -> Batch:
+  """Shapes-only batch for init / eval_shape."""
+  ones = jnp.ones((batch_size, max_len), jnp.int32)
+  return {k: ones for k in BATCH_KEYS}
