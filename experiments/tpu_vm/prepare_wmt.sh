@@ -7,5 +7,8 @@ source "$(dirname "$0")/common.sh"
 parse_flags "$@"
 require_bucket
 datasets="${EXTRA_ARGS[*]:-wmt14_translate/de-en}"
-on_workers 0 "set -e; cd mt && .venv/bin/pip install -q tensorflow-cpu && \
-for d in $datasets; do .venv/bin/tfds build \$d --data_dir=$(DATA_DIR) --file_format=array_record; done"
+builds=""
+for d in $datasets; do
+  builds="$builds && .venv/bin/tfds build $d --data_dir=$(DATA_DIR) --file_format=array_record"
+done
+on_workers 0 "set -e; cd mt && .venv/bin/pip install -q tensorflow-cpu$builds"

@@ -1,0 +1,97 @@
+"""Every experiment config loads and builds its model abstractly, so none rots;
+the TPU VM scripts' dry runs print the commands they would run."""
+
+import importlib.util
+import pathlib
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model import Transformer
+from train import steps, trainer
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = sorted(p for p in (ROOT / "experiments" / "configs").glob("*.py")
+                 if p.name != "__init__.py")
+
+
+def load(path):
+  spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def test_all_expected_configs_exist():
+  names = {p.stem for p in CONFIGS}
+  assert {"tiny", "bible_es_en", "bible_es_en_base", "wmt14_en_de_base",
+          "wmt14_en_de_big", "wmt17_de_en"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_builds_its_model_and_optimizer_abstractly(path):
+  config = load(path)
+  model_config = trainer.model_config_for(config, config.data.vocab_size)
+  assert model_config.max_len >= config.data.max_len
+  src = jnp.ones((2, config.data.max_len), jnp.int32)
+  variables = jax.eval_shape(Transformer(model_config).init, jax.random.key(0),
+                             src, src)
+  params = variables["params"]
+  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  assert count > 0
+  tx, _ = steps.make_optimizer(config.optimizer, model_config.d_model)
+  opt_state = jax.eval_shape(tx.init, params)
+  assert jax.tree.leaves(opt_state)
+  assert config.batch_size > 0 and config.num_train_steps > 0
+
+
+def test_paper_configs_use_the_papers_settings():
+  base, big = (load(ROOT / f"experiments/configs/wmt14_en_de_{n}.py")
+               for n in ("base", "big"))
+  for c in (base, big):
+    assert (c.data.source_lang, c.data.target_lang) == ("en", "de")
+    assert c.optimizer.warmup_steps == 4000 and c.label_smoothing == 0.1
+    assert (c.optimizer.adam_b1, c.optimizer.adam_b2, c.optimizer.adam_eps) == (
+        0.9, 0.98, 1e-9)
+    assert c.eval_bleu_beam_size == 4 and c.eval_bleu_alpha == 0.6
+    # ~25k target tokens per step: rows x max_len at ~0.9 packing.
+    assert 22_000 <= c.batch_size * c.data.max_len * 0.9 <= 28_000
+  assert base.num_train_steps == 100_000 and big.num_train_steps == 300_000
+  assert trainer.model_config_for(base, 37000).dropout_rate == 0.1
+  assert trainer.model_config_for(big, 37000).dropout_rate == 0.3
+  assert trainer.model_config_for(big, 37000).d_model == 1024
+  assert base.checkpoint.max_to_keep >= 5 and big.checkpoint.max_to_keep >= 20
+
+
+@pytest.mark.parametrize("script, args, expected", [
+    ("create.sh", ["--accelerator", "v4-32"],
+     ["gcloud compute tpus tpu-vm create", "--accelerator-type=v4-32"]),
+    ("install.sh", ["--repo", "https://example.org/mt.git"],
+     ["--worker=all", "git clone https://example.org/mt.git", ".[tpu]"]),
+    ("prepare_wmt.sh", ["--bucket", "gs://b"],
+     ["--worker=0", "tfds build wmt14_translate/de-en",
+      "--data_dir=gs://b/tensorflow_datasets", "--file_format=array_record"]),
+    ("launch.sh", ["--bucket", "gs://b", "--", "--config.mesh.fsdp=4"],
+     ["--worker=all", "python -m train --config=experiments/configs/wmt14_en_de_base.py",
+      "--workdir=gs://b/runs/wmt14_en_de_base", "--config.distributed.enabled=True",
+      "--config.mesh.fsdp=4"]),
+    ("evaluate.sh", ["--bucket", "gs://b", "--", "--average_last=5"],
+     ["--worker=0", "python -m train.evaluate --workdir=gs://b/runs/wmt14_en_de_base",
+      "--split=test", "--average_last=5"]),
+])
+def test_tpu_vm_dry_runs_print_the_commands(script, args, expected):
+  out = subprocess.run(["bash", str(ROOT / "experiments/tpu_vm" / script),
+                        "--dry-run", *args], capture_output=True, text=True,
+                       check=True).stdout
+  assert out.startswith("+ gcloud compute tpus tpu-vm")
+  for piece in expected:
+    assert piece in out, (piece, out)
+
+
+def test_tpu_vm_scripts_refuse_a_missing_bucket():
+  out = subprocess.run(["bash", str(ROOT / "experiments/tpu_vm/launch.sh"),
+                        "--dry-run"], capture_output=True, text=True)
+  assert out.returncode == 2 and "--bucket gs://" in out.stderr
