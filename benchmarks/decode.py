@@ -1,0 +1,161 @@
+"""Decoding speed: verses/s of greedy and beam-4 search, and the KV cache's gain.
+
+    python benchmarks/decode.py [--workdir=<trained run>] [--num_verses=1063]
+        [--batch_size=64] [--recompute_verses=64] [--methods=greedy,beam]
+
+Decodes the `bible_es_en` test split (1,063 verses) with the `small` model:
+the workdir's params and tokenizer if --workdir is given, else random params
+(noted in the output; a random model rarely emits eos, so every output runs to
+its length limit of source + 50 tokens: a worst case). Without a workdir the
+verses are tokenised with --tokenizer (a SentencePiece model) if given, else
+replaced by synthetic sources of the same length distribution (noted).
+Compilation is excluded: every batch shape is decoded once before timing.
+The cache ratio compares greedy search with the KV cache against greedy
+search recomputing the decoder over the whole prefix at every step, on the
+first --recompute_verses verses (same batches, same tokens).
+
+Prints one JSON object per line, then a table with the goals on the 2-core
+CPU machine (beam 4 >= 150 verses/s, greedy >= 500 verses/s, cache >= 5x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks.common import emit, machine, table  # noqa: E402
+from model import TransformerConfig, decoding, init_params  # noqa: E402
+from train import evaluate  # noqa: E402
+
+GOALS = {"greedy": 500.0, "beam4": 150.0, "cache_speedup": 5.0}
+
+
+def _test_sources(args, notes):
+  """(token id arrays, model config, params)."""
+  if args.workdir:
+    loaded = evaluate.load_params(args.workdir, args.checkpoint)
+    from train import input_pipeline  # pylint: disable=import-outside-toplevel
+    data = loaded.experiment_config.data
+    ev = input_pipeline.make_eval_data(data, loaded.tokenizer, 1, split="test",
+                                       process_index=0, process_count=1)
+    ids = [evaluate.truncate(x, data.max_len)
+           for x in loaded.tokenizer.encode_batch(ev.sources)]
+    notes.append(f"trained params: {args.workdir} step {loaded.steps[0]}")
+    return ids, loaded.model_config, loaded.params
+  tok = None
+  if args.tokenizer:
+    import tokenizer  # pylint: disable=import-outside-toplevel
+    tok = tokenizer.load(args.tokenizer)
+  config = TransformerConfig.preset(
+      "small", vocab_size=tok.vocab_size if tok else 8000)
+  params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))
+  notes.append("random params (small preset): outputs run to the length "
+               "limit, a worst case")
+  ids = None
+  if tok is not None:
+    try:
+      from train import input_pipeline  # pylint: disable=import-outside-toplevel
+      from train.datasets import sources  # pylint: disable=import-outside-toplevel
+      data = input_pipeline.default_data_config()
+      if args.data_dir:
+        data.data_dir = args.data_dir
+      source = sources.get_source(data, "test")
+      texts = [p["src"] for p in source.get_many(range(len(source)))]
+      ids = [evaluate.truncate(x, data.max_len) for x in tok.encode_batch(texts)]
+      notes.append(f"bible_es_en test split tokenised by {args.tokenizer}")
+    except Exception as e:  # pylint: disable=broad-except
+      notes.append(f"bible_es_en not available ({type(e).__name__}: {e})")
+  if ids is None:
+    # Spanish verses: ~22.6 words, ~33 tokens with an 8k vocabulary.
+    rng = np.random.RandomState(0)
+    lengths = np.clip(rng.normal(33, 14, 1063).round(), 4, 128).astype(int)
+    ids = [np.concatenate([rng.randint(3, config.vocab_size, n - 1), [1]])
+           .astype(np.int32) for n in lengths]
+    notes.append("synthetic sources with the test split's length "
+                 "distribution (mean 33 tokens)")
+  return ids, config, params
+
+
+def _time_batches(fn, batches):
+  """(seconds, output tokens) of fn(src) over batches; compiled beforehand."""
+  for shape in sorted({src.shape for _, src in batches}):
+    jax.block_until_ready(fn(np.full(shape, 1, np.int32)))  # compile
+  start, tokens = time.perf_counter(), 0
+  for _, src in batches:
+    out = np.asarray(fn(src))
+    tokens += int(sum(len(x) + 1 for x in decoding.strip_special(out)))
+  return time.perf_counter() - start, tokens
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--workdir", default="")
+  parser.add_argument("--checkpoint", default="latest")
+  parser.add_argument("--tokenizer", default="")
+  parser.add_argument("--data_dir", default="")
+  parser.add_argument("--num_verses", type=int, default=1063)
+  parser.add_argument("--batch_size", type=int, default=64)
+  parser.add_argument("--recompute_verses", type=int, default=64)
+  parser.add_argument("--methods", default="greedy,beam")
+  args = parser.parse_args()
+
+  notes: list[str] = []
+  ids, config, params = _test_sources(args, notes)
+  ids = ids[:args.num_verses]
+  batches = evaluate.make_batches(ids, args.batch_size, config.max_len)
+  common = dict(machine(), batch_size=args.batch_size,
+                d_model=config.d_model, vocab=config.vocab_size)
+  rows = []
+
+  def record(name, verses, seconds, tokens, **extra):
+    row = emit(dict(common, benchmark="decode", method=name, verses=verses,
+                    seconds=round(seconds, 3),
+                    verses_per_s=round(verses / seconds, 1),
+                    output_tokens_per_s=round(tokens / seconds, 1), **extra))
+    rows.append(row)
+    return row
+
+  methods = args.methods.split(",")
+  if "greedy" in methods:
+    s, t = _time_batches(
+        lambda src: decoding.greedy_search(config, params, src), batches)
+    record("greedy", len(ids), s, t, goal=GOALS["greedy"])
+  if "beam" in methods:
+    s, t = _time_batches(
+        lambda src: decoding.beam_search(config, params, src, beam_size=4,
+                                         alpha=0.6).sequences[:, 0], batches)
+    record("beam4", len(ids), s, t, goal=GOALS["beam4"])
+  if args.recompute_verses > 0:
+    subset = evaluate.make_batches(ids[:args.recompute_verses],
+                                   args.batch_size, config.max_len)
+    n = sum(len(chunk) for chunk, _ in subset)
+    cached = record("greedy_cached_subset", n, *_time_batches(
+        lambda src: decoding.greedy_search(config, params, src), subset))
+    recomputed = record("greedy_recomputed_subset", n, *_time_batches(
+        lambda src: decoding.greedy_search(config, params, src,
+                                           use_cache=False), subset))
+    emit(dict(common, benchmark="decode", method="cache_speedup",
+              ratio=round(recomputed["seconds"] / cached["seconds"], 2),
+              goal=GOALS["cache_speedup"]))
+    rows.append({"method": "cache_speedup (x)",
+                 "verses_per_s": round(recomputed["seconds"] /
+                                       cached["seconds"], 2),
+                 "goal": GOALS["cache_speedup"]})
+  for note in notes:
+    emit({"benchmark": "decode", "note": note})
+  print()
+  print(table(rows, ["method", "verses", "seconds", "verses_per_s",
+                     "output_tokens_per_s", "goal"]))
+  for note in notes:
+    print(f"note: {note}")
+
+
+if __name__ == "__main__":
+  main()

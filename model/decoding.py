@@ -1,0 +1,386 @@
+"""Inference: KV-cached greedy search, beam search and sampling.
+
+Every search is one ``lax.while_loop`` under ``jax.jit``, batched, feeding one
+token per step through the decoder's key/value cache
+(``Transformer(config, use_cache=True)``); the encoder runs once per batch.
+
+Conventions shared by all searches:
+  * ``src``: int32 [batch, src_len], padded with PAD_ID. A row's source length
+    is its number of non-pad tokens.
+  * Output length: at most ``source length + max_extra_len`` tokens per row
+    (the paper's "input + 50"), eos included, and never more than
+    ``max_decode_len = min(src_len + max_extra_len, config.max_len)``. A
+    hypothesis that reaches its limit is ended with EOS_ID (the model's own
+    log-probability of eos is what it scores).
+  * PAD_ID is the decoder's start symbol and is never generated.
+  * Returned sequences exclude the start symbol, end with EOS_ID and are
+    PAD_ID after it: int32 [batch, max_decode_len]
+    (beam search: [batch, beam, max_decode_len], best first).
+
+Public functions: ``greedy_search``, ``beam_search``, ``sample``,
+``filter_logits``, ``sample_token``, ``length_penalty``, ``decode_limits``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from model.config import EOS_ID, PAD_ID, TransformerConfig
+from model.transformer import Transformer, init_cache
+
+NEG_INF = -jnp.inf
+# Tolerance for "the cumulative probability has reached top_p": 0.40 + 0.30 +
+# 0.15 rounds to 0.84999996 in float32, which must count as reaching 0.85.
+_TOP_P_TOLERANCE = 1e-6
+
+
+# --------------------------------------------------------------------------
+# Lengths and the model calls
+# --------------------------------------------------------------------------
+
+def decode_limits(config: TransformerConfig, src, max_extra_len: int
+                  ) -> tuple[int, jax.Array]:
+  """(max_decode_len static int, per-row limits int32 [batch]).
+
+  A row's limit is its source length + max_extra_len tokens (eos included),
+  capped by max_decode_len, itself capped by the positional table (max_len).
+  """
+  if max_extra_len < 1:
+    raise ValueError(f"max_extra_len must be >= 1, got {max_extra_len}")
+  max_decode_len = min(src.shape[1] + max_extra_len, config.max_len)
+  src_lengths = jnp.sum(src != PAD_ID, axis=1).astype(jnp.int32)
+  limits = jnp.minimum(src_lengths + max_extra_len, max_decode_len)
+  return max_decode_len, limits
+
+
+def length_penalty(length, alpha: float):
+  """GNMT length penalty lp(Y) = ((5 + |Y|) / 6)^alpha (Wu et al. 2016, eq. 14).
+
+  |Y| counts the generated tokens including eos. Scores are log P(Y) / lp(Y).
+  """
+  return ((5.0 + length) / 6.0) ** alpha
+
+
+def _encode(config, params, src):
+  return Transformer(config).apply({"params": params}, src,
+                                   method=Transformer.encode)
+
+
+def _cached_step(config, params, encoded, src, token, cache):
+  """One decoder step: token int [b] -> (logits float32 [b, vocab], cache)."""
+  logits, variables = Transformer(config, use_cache=True).apply(
+      {"params": params, "cache": cache}, encoded, src, token[:, None],
+      method=Transformer.decode, mutable=["cache"])
+  return logits[:, 0], variables["cache"]
+
+
+def _recomputed_step(config, params, encoded, src, seqs, step):
+  """Next-token logits [b, vocab] recomputing the decoder over the prefix.
+
+  No cache: the decoder runs teacher-forced over the whole (fixed-size)
+  buffer and we read position ``step``. seqs: [b, L + 1], column 0 the start
+  token, columns 1..step the tokens generated so far. The not-yet-generated
+  positions hold EOS as a placeholder: the model masks queries whose target is
+  PAD, and the causal mask keeps the placeholders out of position ``step``.
+  """
+  tgt = seqs[:, 1:]
+  tgt = jnp.where(jnp.arange(tgt.shape[1]) >= step, EOS_ID, tgt)
+  logits = Transformer(config).apply({"params": params}, encoded, src, tgt,
+                                     method=Transformer.decode)
+  return lax.dynamic_index_in_dim(logits, step, axis=1, keepdims=False)
+
+
+def _mask_pad(logits):
+  """PAD_ID is the start symbol, never an output."""
+  return logits.at[..., PAD_ID].set(NEG_INF)
+
+
+# --------------------------------------------------------------------------
+# Sampling filters
+# --------------------------------------------------------------------------
+
+def _check_knobs(temperature, top_k, top_p):
+  if not temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}; use greedy "
+                     "search for the argmax")
+  if top_k < 0:
+    raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+
+
+def filter_logits(logits, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0):
+  """Temperature, then top-k, then top-p (nucleus), in that order.
+
+  logits: float [..., vocab]. Filtered-out tokens get -inf; softmax of the
+  result is the renormalised distribution that ``sample_token`` draws from.
+  top_k=0 and top_p=1.0 disable those filters. Tokens tied with the k-th (or
+  the last nucleus) logit are kept too.
+  """
+  _check_knobs(temperature, top_k, top_p)
+  return _filter_logits(logits, temperature, top_k, top_p)
+
+
+@jax.jit
+def _filter_logits(logits, temperature, top_k, top_p):
+  """filter_logits with traced knobs: one compilation serves every setting."""
+  logits = logits.astype(jnp.float32) / temperature
+  sorted_logits = jnp.flip(jnp.sort(logits, axis=-1), axis=-1)
+  vocab = logits.shape[-1]
+  # Top-k: keep logits >= the k-th largest (k = 0: keep all).
+  kth = jnp.take(sorted_logits, jnp.clip(top_k - 1, 0, vocab - 1), axis=-1)
+  kth = jnp.where(top_k > 0, kth, -jnp.inf)[..., None]
+  logits = jnp.where(logits < kth, NEG_INF, logits)
+  sorted_logits = jnp.where(sorted_logits < kth, NEG_INF, sorted_logits)
+  # Top-p (Holtzman et al. 2020): the smallest set of most likely tokens
+  # whose probability, renormalised after top-k, sums to at least top_p.
+  sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
+  mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+  keep = (mass_before < top_p - _TOP_P_TOLERANCE) | (top_p >= 1.0)
+  keep = keep.at[..., 0].set(True)
+  threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1,
+                      keepdims=True)
+  return jnp.where(logits < threshold, NEG_INF, logits)
+
+
+def sample_token(rng, logits, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0):
+  """Draws int32 [...] from softmax(filter_logits(logits [..., vocab]))."""
+  _check_knobs(temperature, top_k, top_p)
+  return _sample_token(rng, logits, temperature, top_k, top_p)
+
+
+@jax.jit
+def _sample_token(rng, logits, temperature, top_k, top_p):
+  filtered = _filter_logits(logits, temperature, top_k, top_p)
+  return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
+
+
+# --------------------------------------------------------------------------
+# Greedy search and sampling: one hypothesis per row
+# --------------------------------------------------------------------------
+
+def _one_hypothesis_loop(config, params, src, choose: Callable,
+                         max_extra_len: int, use_cache: bool):
+  """Token-by-token decoding where ``choose(logits [b, V], step) -> [b]``."""
+  batch = src.shape[0]
+  max_decode_len, limits = decode_limits(config, src, max_extra_len)
+  encoded = _encode(config, params, src)
+  cache = (init_cache(config, batch, max_decode_len, src.shape[1])
+           if use_cache else None)
+  # seqs[:, 0] is the start token; step i writes the i-th output at i + 1.
+  seqs = jnp.full((batch, max_decode_len + 1), PAD_ID, jnp.int32)
+  finished = jnp.zeros((batch,), bool)
+
+  def cond(state):
+    step, _, _, finished = state
+    return (step < max_decode_len) & ~jnp.all(finished)
+
+  def body(state):
+    step, seqs, cache, finished = state
+    if use_cache:
+      fed = lax.dynamic_index_in_dim(seqs, step, axis=1, keepdims=False)
+      logits, cache = _cached_step(config, params, encoded, src, fed, cache)
+    else:
+      logits = _recomputed_step(config, params, encoded, src, seqs, step)
+    token = choose(_mask_pad(logits), step)
+    token = jnp.where(step + 1 >= limits, EOS_ID, token)  # length limit
+    token = jnp.where(finished, PAD_ID, token)            # pad after eos
+    seqs = lax.dynamic_update_slice_in_dim(seqs, token[:, None], step + 1,
+                                           axis=1)
+    return step + 1, seqs, cache, finished | (token == EOS_ID)
+
+  _, seqs, _, _ = lax.while_loop(cond, body,
+                                 (jnp.int32(0), seqs, cache, finished))
+  return seqs[:, 1:]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_extra_len",
+                                             "use_cache"))
+def greedy_search(config: TransformerConfig, params, src, *,
+                  max_extra_len: int = 50, use_cache: bool = True):
+  """Argmax decoding: int32 [batch, max_decode_len] (see module docstring).
+
+  use_cache=False recomputes the decoder over the whole prefix at each step
+  (same tokens, much slower): the reference the cache is measured against.
+  """
+  choose = lambda logits, step: jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return _one_hypothesis_loop(config, params, src, choose, max_extra_len,
+                              use_cache)
+
+
+def sample(config: TransformerConfig, params, src, rng, *,
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           max_extra_len: int = 50):
+  """Ancestral sampling with temperature, top-k, top-p (that order), seeded.
+
+  rng: a jax.random key; the same key gives the same output. Step i draws
+  with ``fold_in(rng, i)``. Returns int32 [batch, max_decode_len] (see the
+  module docstring).
+  """
+  _check_knobs(temperature, top_k, top_p)
+  return _sample(config, params, src, rng, jnp.float32(temperature),
+                 jnp.int32(top_k), jnp.float32(top_p),
+                 max_extra_len=max_extra_len)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_extra_len"))
+def _sample(config, params, src, rng, temperature, top_k, top_p, *,
+            max_extra_len):
+  def choose(logits, step):
+    return _sample_token(jax.random.fold_in(rng, step), logits, temperature,
+                         top_k, top_p)
+  return _one_hypothesis_loop(config, params, src, choose, max_extra_len,
+                              use_cache=True)
+
+
+# --------------------------------------------------------------------------
+# Beam search
+# --------------------------------------------------------------------------
+
+class BeamSearchResult(NamedTuple):
+  sequences: jax.Array  # int32 [batch, beam, max_decode_len], best first
+  scores: jax.Array     # float32 [batch, beam]: log P / length_penalty
+
+
+def _gather_beams(x, beam_indices):
+  """x [batch, beams, ...], beam_indices int [batch, n] -> [batch, n, ...]."""
+  return jax.vmap(lambda row, idx: row[idx])(x, beam_indices)
+
+
+def _reorder_cache(cache, beam_indices, beam_size: int):
+  """Reorders cache rows [batch * beam, ...] to follow the surviving beams.
+
+  Scalar leaves (cache_index, decoder position) are shared by all rows and are
+  left as they are.
+  """
+  batch = beam_indices.shape[0]
+  flat = (jnp.arange(batch)[:, None] * beam_size + beam_indices).reshape(-1)
+  return jax.tree.map(lambda x: x if x.ndim == 0 else x[flat], cache)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "beam_size", "alpha",
+                                             "max_extra_len"))
+def beam_search(config: TransformerConfig, params, src, *, beam_size: int = 4,
+                alpha: float = 0.6, max_extra_len: int = 50
+                ) -> BeamSearchResult:
+  """Beam search with the GNMT length penalty (the paper: beam 4, alpha 0.6).
+
+  Each row keeps a beam of ``beam_size`` hypotheses. At each step every
+  hypothesis is extended by every token and the ``beam_size`` most probable
+  extensions (by log P) are the new beam; an extension ending in eos leaves
+  the beam as *finished* (scored log P / lp) and the next most probable
+  non-eos extension takes its place, so ``beam_size`` hypotheses stay alive.
+  A row stops when ``beam_size`` hypotheses have finished (or its length
+  limit forces eos on the rest); the loop stops when every row has stopped.
+  The answer is the finished hypothesis of highest score. With beam 1 this is
+  exactly greedy search; with a beam wider than the set of all sequences it
+  is an exhaustive search.
+
+  Returns sequences [batch, beam, max_decode_len] and their scores
+  [batch, beam], best first (the first is the translation). Slots of rows
+  with fewer than ``beam_size`` finished hypotheses score -inf.
+  """
+  if beam_size < 1:
+    raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+  batch, src_len = src.shape
+  vocab = config.output_vocab_size
+  max_decode_len, limits = decode_limits(config, src, max_extra_len)
+
+  # The encoder runs once; its output is repeated for the beams of each row
+  # (row-major: flat row b * beam_size + k is beam k of sentence b).
+  encoded = jnp.repeat(_encode(config, params, src), beam_size, axis=0)
+  flat_src = jnp.repeat(src, beam_size, axis=0)
+  cache = init_cache(config, batch * beam_size, max_decode_len, src_len)
+
+  seq_shape = (batch, beam_size, max_decode_len + 1)  # column 0: start token
+  # Only beam 0 starts alive; the others at -inf never become duplicates.
+  alive_log_probs = jnp.where(jnp.arange(beam_size) == 0, 0.0, NEG_INF)
+  state = dict(
+      step=jnp.int32(0),
+      alive_seqs=jnp.full(seq_shape, PAD_ID, jnp.int32),
+      alive_log_probs=jnp.broadcast_to(alive_log_probs, (batch, beam_size)),
+      finished_seqs=jnp.full(seq_shape, PAD_ID, jnp.int32),
+      finished_scores=jnp.full((batch, beam_size), NEG_INF),
+      num_finished=jnp.zeros((batch,), jnp.int32),
+      cache=cache)
+
+  def row_done(state):
+    """[batch] bool: beam_size finished, limit reached, or nothing alive."""
+    return ((state["num_finished"] >= beam_size) |
+            (state["step"] >= limits) |
+            (state["alive_log_probs"][:, 0] == NEG_INF))
+
+  def cond(state):
+    return (state["step"] < max_decode_len) & ~jnp.all(row_done(state))
+
+  def body(state):
+    step, alive_seqs = state["step"], state["alive_seqs"]
+    fed = lax.dynamic_index_in_dim(alive_seqs, step, axis=2, keepdims=False)
+    logits, cache = _cached_step(config, params, encoded, flat_src,
+                                 fed.reshape(-1), state["cache"])
+    log_probs = jax.nn.log_softmax(_mask_pad(logits)).reshape(
+        batch, beam_size, vocab)
+    # At its length limit a hypothesis can only end.
+    at_limit = (step + 1 >= limits)[:, None, None]
+    log_probs = jnp.where(at_limit & (jnp.arange(vocab) != EOS_ID), NEG_INF,
+                          log_probs)
+    total = state["alive_log_probs"][:, :, None] + log_probs  # [b, k, V]
+
+    # The 2k best extensions: at most k of them end in eos (one per parent),
+    # so at least k non-eos ones remain to refill the beam.
+    top_log_probs, flat_index = lax.top_k(
+        total.reshape(batch, beam_size * vocab), 2 * beam_size)
+    parent, token = flat_index // vocab, (flat_index % vocab).astype(jnp.int32)
+    top_seqs = lax.dynamic_update_slice_in_dim(
+        _gather_beams(alive_seqs, parent), token[:, :, None], step + 1, axis=2)
+    is_eos = token == EOS_ID
+
+    # Finished: eos extensions among the k best, unless the row had stopped.
+    stopped = row_done(state)[:, None]
+    newly_finished = (is_eos & (jnp.arange(2 * beam_size) < beam_size) &
+                      (top_log_probs > NEG_INF) & ~stopped)
+    new_scores = jnp.where(
+        newly_finished,
+        top_log_probs / length_penalty((step + 1).astype(jnp.float32), alpha),
+        NEG_INF)
+    finished_scores, keep = lax.top_k(
+        jnp.concatenate([state["finished_scores"], new_scores], axis=1),
+        beam_size)
+    finished_seqs = _gather_beams(
+        jnp.concatenate([state["finished_seqs"], top_seqs], axis=1), keep)
+    num_finished = state["num_finished"] + jnp.sum(newly_finished, axis=1)
+
+    # Alive: the k best non-eos extensions (top_k keeps the order).
+    alive_log_probs, pick = lax.top_k(
+        jnp.where(is_eos, NEG_INF, top_log_probs), beam_size)
+    parent = jnp.take_along_axis(parent, pick, axis=1)
+    return dict(step=step + 1, alive_seqs=_gather_beams(top_seqs, pick),
+                alive_log_probs=alive_log_probs, finished_seqs=finished_seqs,
+                finished_scores=finished_scores, num_finished=num_finished,
+                cache=_reorder_cache(cache, parent, beam_size))
+
+  state = lax.while_loop(cond, body, state)
+  # Every row has at least one finished hypothesis: the limit forces eos.
+  return BeamSearchResult(state["finished_seqs"][:, :, 1:],
+                          state["finished_scores"])
+
+
+def strip_special(tokens) -> list[list[int]]:
+  """Host-side: rows of ids [batch, length] -> lists cut at the first eos."""
+  out = []
+  for row in jax.device_get(tokens).tolist():
+    ids = []
+    for t in row:
+      if t == EOS_ID:
+        break
+      if t != PAD_ID:
+        ids.append(t)
+    out.append(ids)
+  return out

@@ -1,0 +1,183 @@
+"""Tests of model/decoding.py: greedy, beam search, sampling, the KV cache."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from model import EOS_ID, PAD_ID, Transformer, TransformerConfig, init_params
+from model import decoding
+
+# One layer each way keeps compilation (the cost of these tests) short.
+CONFIG = TransformerConfig.preset("tiny", num_encoder_layers=1,
+                                  num_decoder_layers=1, dropout_rate=0.0)
+
+
+def _peaky_params(config, seed):
+  """Random params with larger embeddings: peakier, more varied outputs."""
+  params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(seed))
+  emb = params["shared_embedding"]["embedding"]
+  params["shared_embedding"]["embedding"] = emb * 4.0
+  return params
+
+
+@pytest.fixture(scope="module")
+def params():
+  return _peaky_params(CONFIG, 0)
+
+
+@pytest.fixture(scope="module")
+def src():
+  rng = np.random.RandomState(0)
+  src = rng.randint(2, CONFIG.vocab_size, size=(4, 9))
+  src[0, -1] = EOS_ID
+  src[1, 5:] = PAD_ID   # a shorter row: a shorter length limit
+  src[1, 4] = EOS_ID
+  src[2, 2:] = PAD_ID
+  return jnp.asarray(src, jnp.int32)
+
+
+def _check_well_formed(tokens, src, max_extra_len):
+  tokens = np.asarray(tokens)
+  src_lengths = np.sum(np.asarray(src) != PAD_ID, axis=1)
+  for row, limit in zip(tokens, src_lengths + max_extra_len):
+    eos = np.flatnonzero(row == EOS_ID)
+    assert eos.size, "every output ends with eos"
+    end = eos[0]
+    assert end < limit, "output longer than source length + max_extra_len"
+    assert np.all(row[:end] > EOS_ID) and np.all(row[end + 1:] == PAD_ID)
+
+
+# --- sampling filters (no model) -------------------------------------------
+
+def test_top_p_textbook_example_keeps_first_three():
+  probs = np.array([0.40, 0.30, 0.15, 0.10, 0.05])
+  order = np.array([3, 0, 4, 1, 2])  # shuffled: must not depend on position
+  logits = jnp.log(jnp.asarray(probs[order], jnp.float32))
+  kept = np.isfinite(np.asarray(decoding.filter_logits(logits, top_p=0.85)))
+  np.testing.assert_array_equal(kept, probs[order] >= 0.15)
+  assert kept.sum() == 3
+
+
+def test_top_k_one_and_tiny_temperature_give_argmax():
+  logits = jax.random.normal(jax.random.key(1), (64, 50)) * 3.0
+  argmax = np.asarray(jnp.argmax(logits, -1))
+  for kwargs in (dict(top_k=1), dict(temperature=1e-4)):
+    for seed in range(3):
+      tokens = decoding.sample_token(jax.random.key(seed), logits, **kwargs)
+      np.testing.assert_array_equal(np.asarray(tokens), argmax)
+
+
+def test_sampled_frequencies_match_filtered_distribution():
+  temperature, top_k, top_p = 0.8, 6, 0.8
+  logits = np.array([2.0, 1.5, 1.2, 1.0, 0.3, 0.1, -0.5, -1.0], np.float32)
+  # The reference: temperature, then top-k, then top-p, in NumPy.
+  z = logits.astype(np.float64) / temperature
+  z[np.argsort(-z)[top_k:]] = -np.inf
+  p = np.exp(z - z.max())
+  p /= p.sum()
+  order = np.argsort(-p)
+  mass_before = np.cumsum(p[order]) - p[order]
+  support = order[mass_before < top_p]
+  expected = np.zeros_like(p)
+  expected[support] = p[support] / p[support].sum()
+  assert 1 < len(support) < top_k  # both filters remove something here
+
+  draws = 40_000
+  tokens = decoding.sample_token(
+      jax.random.key(1234), jnp.broadcast_to(jnp.asarray(logits),
+                                             (draws, logits.size)),
+      temperature=temperature, top_k=top_k, top_p=top_p)
+  counts = np.bincount(np.asarray(tokens), minlength=logits.size)
+  assert counts[expected == 0].sum() == 0, "sampled a filtered-out token"
+  chi2 = stats.chisquare(counts[support], expected[support] * draws)
+  assert chi2.pvalue > 1e-3, (counts, expected * draws)
+
+
+def test_filter_rejects_bad_knobs():
+  with pytest.raises(ValueError, match="temperature"):
+    decoding.filter_logits(jnp.zeros(4), temperature=0.0)
+  with pytest.raises(ValueError, match="top_p"):
+    decoding.filter_logits(jnp.zeros(4), top_p=1.5)
+
+
+# --- searches on a random model --------------------------------------------
+
+def test_beam_size_one_equals_greedy(params, src):
+  greedy = decoding.greedy_search(CONFIG, params, src, max_extra_len=6)
+  beam = decoding.beam_search(CONFIG, params, src, beam_size=1,
+                              max_extra_len=6)
+  _check_well_formed(greedy, src, 6)
+  np.testing.assert_array_equal(np.asarray(beam.sequences[:, 0]),
+                                np.asarray(greedy))
+
+
+def test_cached_decoding_equals_recomputing_the_prefix(params, src):
+  cached = decoding.greedy_search(CONFIG, params, src, max_extra_len=6)
+  recomputed = decoding.greedy_search(CONFIG, params, src, max_extra_len=6,
+                                      use_cache=False)
+  np.testing.assert_array_equal(np.asarray(cached), np.asarray(recomputed))
+
+
+def test_sampling_is_seeded_and_top_k_one_is_greedy(params, src):
+  greedy = decoding.greedy_search(CONFIG, params, src, max_extra_len=6)
+  greedy_by_sampling = decoding.sample(CONFIG, params, src, jax.random.key(7),
+                                       top_k=1, max_extra_len=6)
+  np.testing.assert_array_equal(np.asarray(greedy_by_sampling),
+                                np.asarray(greedy))
+  a, b, c = (decoding.sample(CONFIG, params, src, jax.random.key(seed),
+                             max_extra_len=6) for seed in (3, 3, 4))
+  _check_well_formed(a, src, 6)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert not np.array_equal(np.asarray(a), np.asarray(c))
+
+
+def _enumerated_scores(config, params, src_row, limit, alpha):
+  """{sequence: log P / lp} for every output of at most `limit` tokens."""
+  real_tokens = range(EOS_ID + 1, config.vocab_size)
+  seqs = [prefix + (EOS_ID,) for length in range(limit)
+          for prefix in itertools.product(real_tokens, repeat=length)]
+  # One teacher-forced batch, padded after eos (causality keeps the padding
+  # out of the real positions).
+  tgt = np.full((len(seqs), limit), PAD_ID, np.int32)
+  for i, seq in enumerate(seqs):
+    tgt[i, :len(seq)] = seq
+  src = jnp.broadcast_to(src_row, (len(seqs), src_row.shape[0]))
+  logits = jax.jit(Transformer(config).apply)({"params": params}, src, tgt)
+  log_probs = jax.nn.log_softmax(logits.at[..., PAD_ID].set(-jnp.inf))
+  token_log_probs = np.take_along_axis(np.asarray(log_probs),
+                                       tgt[..., None], -1)[..., 0]
+  return {seq: token_log_probs[i, :len(seq)].sum() /
+               decoding.length_penalty(len(seq), alpha)
+          for i, seq in enumerate(seqs)}
+
+
+def test_wide_beam_finds_the_best_of_all_sequences():
+  # 3 real tokens + eos; outputs of at most 4 tokens: 1 + 3 + 9 + 27 = 40.
+  config = TransformerConfig(vocab_size=5, d_model=16, num_heads=2, d_ff=32,
+                             num_encoder_layers=1, num_decoder_layers=1,
+                             max_len=16, dropout_rate=0.0)
+  params = _peaky_params(config, 3)
+  alpha, max_extra_len, beam_size = 0.6, 2, 40
+  # Source lengths 2 and 1: limits of 4 and 3 output tokens.
+  src = jnp.asarray([[3, 2, PAD_ID, PAD_ID], [4, PAD_ID, PAD_ID, PAD_ID]],
+                    jnp.int32)
+  limits = [4, 3]
+  result = decoding.beam_search(config, params, src, beam_size=beam_size,
+                                alpha=alpha, max_extra_len=max_extra_len)
+  for row in range(2):
+    scores = _enumerated_scores(config, params, src[row], limits[row], alpha)
+    ranked = sorted(scores.items(), key=lambda item: -item[1])
+    best_seq, best_score = ranked[0]
+    found = np.asarray(result.sequences[row, 0])
+    assert tuple(found[:len(best_seq)]) == best_seq
+    assert np.all(found[len(best_seq):] == PAD_ID)
+    # The beam held every sequence: its finished list is the whole ranking.
+    found_scores = np.asarray(result.scores[row])
+    np.testing.assert_allclose(found_scores[:len(ranked)],
+                               [s for _, s in ranked], rtol=1e-5, atol=1e-5)
+    assert np.all(found_scores[len(ranked):] == -np.inf)
+    assert len(scores) == sum(3 ** n for n in range(limits[row]))

@@ -1,0 +1,190 @@
+"""Tests of train/evaluate.py: sacreBLEU scoring, checkpoint averaging, the CLI.
+
+`make_workdir` builds a small but real workdir (SentencePiece model, Orbax
+checkpoints written by train.checkpointing, config.json) in seconds; the
+translate and inspect tests use it too.
+"""
+
+import json
+import subprocess
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+import tokenizer as tokenizer_lib
+from experiments.configs import base_config
+from model import TransformerConfig, init_params
+from train import checkpointing, evaluate
+
+SOURCES = [
+    "En el principio creó Dios los cielos y la tierra.",
+    "Y la tierra estaba desordenada y vacía.",
+    "Y dijo Dios: Sea la luz: y fué la luz.",
+    "Y vió Dios que la luz era buena.",
+    "Y llamó Dios á la luz Día, y á las tinieblas llamó Noche.",
+    "Y fué la tarde y la mañana un día.",
+]
+TARGETS = [
+    "In the beginning, God created the heavens and the earth.",
+    "The earth was formless and empty.",
+    "God said, \u201cLet there be light,\u201d and there was light.",
+    "God saw the light, and saw that it was good.",
+    "God called the light \u201cday\u201d, and the darkness he called \u201cnight\u201d.",
+    "There was evening and there was morning, the first day.",
+]
+
+
+def make_workdir(path, steps=(10, 20, 30), distinct_last=True):
+  """A workdir with a tokenizer and checkpoints of the `tiny` model.
+
+  Steps share one random params tree, except the last one (distinct_last).
+  Returns (workdir, model_config, {step: params}).
+  """
+  workdir = str(path)
+  tok = tokenizer_lib.train(SOURCES + TARGETS, vocab_size=120)
+  tokenizer_lib.save(tok, tokenizer_lib.model_path(workdir))
+  data_dir = path / "data"
+  data_dir.mkdir()
+  (data_dir / "src.txt").write_text("\n".join(SOURCES) + "\n")
+  (data_dir / "tgt.txt").write_text("\n".join(TARGETS) + "\n")
+  config = base_config()
+  config.model_preset = "tiny"
+  config.data.name = "parallel_text"
+  config.data.max_len = 32
+  config.data.eval_src_file = str(data_dir / "src.txt")
+  config.data.eval_tgt_file = str(data_dir / "tgt.txt")
+  model_config = TransformerConfig.preset("tiny", vocab_size=tok.vocab_size,
+                                          max_len=64)
+  init = jax.jit(init_params, static_argnums=0)
+  shared = init(model_config, jax.random.key(0))
+  saved = {}
+  ckpt = checkpointing.Checkpointer(workdir)
+  record = checkpointing.config_record(config, model_config)
+  for i, step in enumerate(steps):
+    last = i == len(steps) - 1
+    params = (init(model_config, jax.random.key(1))
+              if last and distinct_last else shared)
+    state = types.SimpleNamespace(step=jnp.int32(step), params=params,
+                                  opt_state={"count": jnp.zeros((), jnp.int32)})
+    ckpt.save(step, state, None, record, force=True)
+    saved[step] = params
+  ckpt.wait()
+  ckpt.close()
+  (path / "config.json").write_text(json.dumps(record["experiment"]))
+  return workdir, model_config, saved
+
+
+_SHARED = {}
+
+
+def shared_workdir(tmp_path_factory):
+  """One make_workdir() per test session, shared by the test modules."""
+  if "workdir" not in _SHARED:
+    _SHARED["workdir"] = make_workdir(tmp_path_factory.mktemp("workdir"))
+  return _SHARED["workdir"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  return shared_workdir(tmp_path_factory)
+
+
+def _sacrebleu_cli(ref_file, hyp_file):
+  out = subprocess.run(
+      [sys.executable, "-m", "sacrebleu", str(ref_file), "-i", str(hyp_file),
+       "-m", "bleu", "chrf", "--format", "json", "-w", "6"],
+      check=True, capture_output=True, text=True).stdout
+  bleu, chrf = json.loads(out)
+  return bleu, chrf
+
+
+def test_score_equals_sacrebleu_command_line(tmp_path):
+  hyps = ["God said, let there be light, and there was light.",
+          "The earth was without form and void.",
+          "In the beginning God made the heaven and the earth."]
+  refs = [TARGETS[2], TARGETS[1], TARGETS[0]]
+  (tmp_path / "hyp.txt").write_text("\n".join(hyps) + "\n")
+  (tmp_path / "ref.txt").write_text("\n".join(refs) + "\n")
+  bleu, chrf = _sacrebleu_cli(tmp_path / "ref.txt", tmp_path / "hyp.txt")
+  ours = evaluate.score(hyps, refs)
+  assert 10 < bleu["score"] < 90  # a non-trivial score
+  assert ours["bleu"] == pytest.approx(bleu["score"], abs=1e-4)
+  assert ours["chrf"] == pytest.approx(chrf["score"], abs=1e-4)
+  assert ours["bleu_signature"] == bleu["signature"]
+  assert "case:mixed" in ours["bleu_signature"]
+  assert "tok:13a" in ours["bleu_signature"]
+
+
+def test_averaging_copies_of_one_checkpoint_gives_it(workdir):
+  path, _, saved = workdir
+  averaged = evaluate.average_checkpoints(path, [10, 20])
+  jax.tree.map(np.testing.assert_array_equal, averaged, saved[10])
+  loaded = evaluate.load_params(path, checkpoint=20, average_last=5)
+  assert loaded.steps == [10, 20]
+  jax.tree.map(np.testing.assert_array_equal, loaded.params, saved[20])
+  # Different checkpoints: the element-wise mean.
+  mixed = evaluate.load_params(path, checkpoint="latest", average_last=2)
+  assert mixed.steps == [20, 30]
+  jax.tree.map(
+      lambda m, a, b: np.testing.assert_allclose(m, (a + b) / 2, rtol=1e-6,
+                                                 atol=1e-7),
+      mixed.params, saved[20], saved[30])
+
+
+def test_cli_bleu_equals_sacrebleu_on_written_files(workdir, tmp_path, capsys):
+  path, _, _ = workdir
+  out_dir = tmp_path / "eval"
+  code = evaluate.main([
+      "evaluate", f"--workdir={path}", "--split=validation",
+      "--checkpoint=latest", "--average_last=2", "--beam_size=2",
+      "--max_extra_len=4", "--batch_size=8", f"--output_dir={out_dir}"])
+  assert code == 0
+  printed = capsys.readouterr().out
+  assert "BLEU" in printed and "nrefs:1|case:mixed" in printed
+  assert "chrF2" in printed
+  [json_file] = out_dir.glob("*.json")
+  assert json_file.name == "validation.avg2_step20-30.beam2_a0.6.json"
+  record = json.loads(json_file.read_text())
+  hyp_file = record["hypotheses_file"]
+  hyps = open(hyp_file, encoding="utf-8").read().splitlines()
+  assert len(hyps) == len(SOURCES) == record["num_sentences"]
+  bleu, chrf = _sacrebleu_cli(path + "/data/tgt.txt", hyp_file)
+  assert record["bleu"] == pytest.approx(bleu["score"], abs=1e-4)
+  assert record["chrf"] == pytest.approx(chrf["score"], abs=1e-4)
+  assert record["steps"] == [20, 30]
+
+
+def test_decode_ids_keeps_the_input_order(workdir):
+  path, model_config, saved = workdir
+  tok = tokenizer_lib.load(tokenizer_lib.model_path(path))
+  ids = tok.encode_batch(SOURCES)
+  options = evaluate.DecodeOptions(method="greedy", max_extra_len=4,
+                                   batch_size=8)
+  forward = evaluate.decode_ids(model_config, saved[30], ids, options)
+  backward = evaluate.decode_ids(model_config, saved[30], ids[::-1], options)
+  assert forward == backward[::-1]
+  assert all(len(out) <= len(x) - 1 + 4 for out, x in zip(forward, ids))
+
+
+def test_validation_bleu_hook(workdir):
+  path, model_config, saved = workdir
+  tok = tokenizer_lib.load(tokenizer_lib.model_path(path))
+  # 8 rows, 38 tokens at most: the shapes test_decode_ids_... compiled.
+  src = np.zeros((8, 40), np.int32)
+  picked = [4, 0, 2]
+  for row, ids in enumerate(tok.encode_batch([SOURCES[i] for i in picked])):
+    src[row, :len(ids)] = ids
+  batch = {"src": src, "row_mask": np.array([1, 1, 1] + [0] * 5, np.int32),
+           "index": np.array(picked + [-1] * 5, np.int32)}
+  eval_data = types.SimpleNamespace(references=TARGETS)
+  config = ml_collections.ConfigDict({"eval_bleu_beam_size": 1,
+                                      "eval_bleu_max_extra_len": 4})
+  scores = evaluate.validation_bleu(model_config, saved[30], [batch],
+                                    eval_data, tok, config)
+  assert set(scores) == {"bleu", "chrf"}
+  assert 0 <= scores["bleu"] <= 100 and 0 <= scores["chrf"] <= 100

@@ -1,0 +1,97 @@
+"""Tests of train/translate.py: order, empty and long lines, bad UTF-8, PNG."""
+
+import io
+import subprocess
+import sys
+
+import pytest
+
+from test_evaluate import shared_workdir  # tests/ is on sys.path
+from train import evaluate, translate
+
+FAST = ["--decoding=greedy", "--max_extra_len=4", "--batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  return shared_workdir(tmp_path_factory)[0]
+
+
+# Short lines (<= 16 tokens): one length bucket, so one compilation.
+SHORT = ["Luz.", "Y dijo Dios.", "la tierra y la luz", "Noche.", "Y fué.",
+         "Dios vió la luz."]
+LONG = "Y llamó Dios á la luz Día, y á las tinieblas llamó Noche."
+
+
+def _run(args, stdin: bytes):
+  out, err = io.StringIO(), io.StringIO()
+  code = translate.run(["translate", *args], io.BytesIO(stdin), out, err)
+  return code, out.getvalue(), err.getvalue()
+
+
+def test_same_order_and_empty_lines(workdir):
+  lines = [SHORT[0], "", SHORT[1], "   ", SHORT[2], SHORT[3]]
+  code, out, err = _run([f"--workdir={workdir}", *FAST],
+                        ("\n".join(lines) + "\n").encode())
+  assert code == 0, err
+  got = out.split("\n")
+  assert got[-1] == "" and len(got) == len(lines) + 1
+  loaded = evaluate.load_params(workdir)
+  expected = evaluate.translate_texts(
+      loaded.model_config, loaded.params, loaded.tokenizer, lines,
+      evaluate.DecodeOptions(method="greedy", max_extra_len=4, batch_size=4),
+      max_src_tokens=loaded.experiment_config.data.max_len)
+  assert got[:-1] == expected
+  assert got[1] == "" and got[3] == ""
+  assert all(got[i] for i in (0, 2, 4, 5))
+
+
+def test_long_line_truncated_with_warning(workdir):
+  lines = [SHORT[0], LONG, SHORT[3]]
+  code, out, err = _run([f"--workdir={workdir}", "--max_input_tokens=12",
+                         *FAST], ("\n".join(lines) + "\n").encode())
+  assert code == 0
+  assert len(out.splitlines()) == 3
+  assert "line 2:" in err and "truncated to 12" in err
+  assert "line 1:" not in err and "line 3:" not in err
+
+
+def test_invalid_utf8_stops_with_line_number(workdir, tmp_path):
+  bad = "Hola.\n".encode() + b"Y la tierra \xff\xfe.\n" + b"Luz.\n"
+  # The real program: the exit status must say it failed.
+  proc = subprocess.run(
+      [sys.executable, "-m", "train.translate", f"--workdir={workdir}",
+       *FAST], input=bad, capture_output=True)
+  assert proc.returncode == 1
+  assert b"line 2" in proc.stderr and b"UTF-8" in proc.stderr
+  assert proc.stdout == b""
+  (tmp_path / "bad.txt").write_bytes(bad)
+  code, out, err = _run([f"--workdir={workdir}",
+                         f"--input={tmp_path / 'bad.txt'}", *FAST], b"")
+  assert code == 1 and "line 2" in err and out == ""
+
+
+def test_sampling_with_top_k_one_is_greedy(workdir):
+  text = ("\n".join(SHORT[:4]) + "\n").encode()
+  _, greedy, _ = _run([f"--workdir={workdir}", *FAST], text)
+  code, sampled, err = _run([f"--workdir={workdir}", "--decoding=sample",
+                             "--top_k=1", "--seed=3", "--max_extra_len=4",
+                             "--batch_size=4"], text)
+  assert code == 0, err
+  assert sampled == greedy
+  code, _, err = _run([f"--workdir={workdir}", "--decoding=sample",
+                       "--top_p=1.5"], text)
+  assert code == 2 and "top_p" in err
+
+
+def test_attention_png(workdir, tmp_path):
+  png = tmp_path / "attention.png"
+  code, out, err = _run([f"--workdir={workdir}", f"--attention_png={png}",
+                         *FAST], (SHORT[5] + "\n").encode())
+  assert code == 0, err
+  assert len(out.splitlines()) == 1
+  data = png.read_bytes()
+  assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
+  code, _, err = _run([f"--workdir={workdir}", f"--attention_png={png}",
+                       *FAST], b"one\ntwo\n")
+  assert code == 2 and "exactly one" in err
