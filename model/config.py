@@ -44,10 +44,17 @@ class TransformerConfig:
     attention_dropout_rate: dropout on attention weights (0 in the paper).
     max_len: longest sequence the positional-encoding table covers.
     dtype: compute dtype, "float32" (default) or "bfloat16" (parameters stay
-      float32 in either case).
+      float32 in either case). A departure when not float32: every matmul
+      (projections, FFN, attention scores and values, tied logits) takes
+      inputs in this dtype but accumulates and returns float32
+      (``preferred_element_type``, see ``layers.dot_general``); the attention
+      softmax and the logits are float32.
     pre_ln: departure: LayerNorm before each sub-layer (x + Sublayer(LN(x)))
       with a final LayerNorm, instead of the paper's post-LN.
     layer_norm_epsilon: epsilon of every LayerNorm.
+    dropout_impl: "flax" (default): ``nn.Dropout``, one 32-bit draw per
+      element. "paired_bits" (speed path): one 32-bit draw per two elements,
+      16 bits each (``layers.PairedBitsDropout``); same rate, different masks.
   """
 
   vocab_size: int = 37000
@@ -65,6 +72,7 @@ class TransformerConfig:
   dtype: str = "float32"
   pre_ln: bool = False
   layer_norm_epsilon: float = 1e-6
+  dropout_impl: str = "flax"
 
   def __post_init__(self):
     def fail(field, reason):
@@ -96,6 +104,9 @@ class TransformerConfig:
         fail(field, f"must lie in [0, 1), got {rate}")
     if self.dtype not in _DTYPES:
       fail("dtype", f"{self.dtype!r} is not one of {sorted(_DTYPES)}")
+    if self.dropout_impl not in ("flax", "paired_bits"):
+      fail("dropout_impl", f"{self.dropout_impl!r} is not one of "
+           "['flax', 'paired_bits']")
     if self.layer_norm_epsilon <= 0:
       fail("layer_norm_epsilon", f"must be positive, got "
            f"{self.layer_norm_epsilon}")

@@ -12,9 +12,11 @@ Parameter axis names: ``vocab``, ``embed`` (d_model), ``heads``, ``kv``
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -46,6 +48,82 @@ def constrain(x, names=BLD):
 
 def _partitioned(init: Callable, names: tuple[str, ...]) -> Callable:
   return nn.with_logical_partitioning(init, names)
+
+
+def dot_general(config: TransformerConfig):
+  """The dot_general of every Dense: None (Flax's default) in float32.
+
+  With a low-precision compute dtype the inputs are cast to it, but products
+  accumulate and come out in float32 (``preferred_element_type``): bf16 outputs
+  lose precision and are slower on CPUs without bf16 units.
+  """
+  if config.compute_dtype == jnp.float32:
+    return None
+  return functools.partial(jax.lax.dot_general,
+                           preferred_element_type=jnp.float32)
+
+
+def low_precision_attention(query, key, value, mask=None, dropout_rng=None,
+                            dropout_rate: float = 0.0,
+                            broadcast_dropout: bool = True,
+                            deterministic: bool = True, dtype=jnp.bfloat16,
+                            module=None):
+  """``nn.dot_product_attention`` for a bf16 compute dtype, float32 accumulation.
+
+  query: [batch, q_len, heads, head_dim]; key, value: [batch, k_len, heads,
+  head_dim] -> [batch, q_len, heads, head_dim] float32. Scores, the softmax and
+  the sown weights are float32; both matmuls take ``dtype`` inputs.
+  """
+  depth = query.shape[-1]
+  query = (query / np.sqrt(depth).astype(np.float32)).astype(dtype)
+  scores = jnp.einsum("...qhd,...khd->...hqk", query, key.astype(dtype),
+                      preferred_element_type=jnp.float32)
+  if mask is not None:
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(scores)
+  if module is not None:
+    module.sow("intermediates", "attention_weights", weights)
+  if not deterministic and dropout_rate > 0.0:
+    keep_prob = 1.0 - dropout_rate
+    shape = ((1,) * (weights.ndim - 2) + weights.shape[-2:]
+             if broadcast_dropout else weights.shape)
+    keep = jax.random.bernoulli(dropout_rng, keep_prob, shape)
+    weights = jnp.where(keep, weights / keep_prob, 0.0)
+  return jnp.einsum("...hqk,...khd->...qhd", weights.astype(dtype),
+                    value.astype(dtype), preferred_element_type=jnp.float32)
+
+
+class PairedBitsDropout(nn.Module):
+  """Dropout drawing one 32-bit random word per two elements (a speed path).
+
+  Each word's low and high 16 bits decide two elements (keep if bits <
+  round(keep_prob * 2^16)), so half the threefry work of ``nn.Dropout``, whose
+  random stream it does not reproduce; keep probabilities are exact to 2^-16.
+  Same call signature as ``nn.Dropout``. x: any shape with an even last axis.
+  """
+
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    if deterministic or self.rate == 0.0:
+      return x
+    keep_prob = 1.0 - self.rate
+    *lead, last = x.shape
+    words = jax.random.bits(self.make_rng("dropout"), (*lead, 1, last // 2),
+                            jnp.uint32)
+    shifts = jnp.array([0, 16], jnp.uint32).reshape(2, 1)
+    halves = (words >> shifts) & jnp.uint32(0xFFFF)      # [..., 2, last // 2]
+    keep = (halves < jnp.uint32(round(keep_prob * 65536))).reshape(x.shape)
+    return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype),
+                     jnp.zeros_like(x))
+
+
+def dropout(config: TransformerConfig) -> nn.Module:
+  """Section 5.4's residual dropout: ``nn.Dropout`` unless configured otherwise."""
+  if config.dropout_impl == "paired_bits" and config.d_model % 2 == 0:
+    return PairedBitsDropout(rate=config.dropout_rate)
+  return nn.Dropout(rate=config.dropout_rate)
 
 
 def sinusoidal_table(max_len: int, d_model: int) -> np.ndarray:
@@ -98,6 +176,11 @@ def attention(config: TransformerConfig, name: str, decode: bool = False
   """Multi-head attention of section 3.2.2, projections with biases."""
   xavier = nn.initializers.xavier_uniform()
   zeros = nn.initializers.zeros_init()
+  low_precision = {}
+  if config.compute_dtype != jnp.float32:
+    low_precision = dict(qkv_dot_general=dot_general(config),
+                         out_dot_general=dot_general(config),
+                         attention_fn=low_precision_attention)
   return nn.MultiHeadDotProductAttention(
       num_heads=config.num_heads,
       dtype=config.compute_dtype,
@@ -108,7 +191,8 @@ def attention(config: TransformerConfig, name: str, decode: bool = False
       out_kernel_init=_partitioned(xavier, ("heads", "kv", "embed")),
       out_bias_init=_partitioned(zeros, ("embed",)),
       decode=decode,
-      name=name)
+      name=name,
+      **low_precision)
 
 
 class FeedForward(nn.Module):
@@ -125,10 +209,25 @@ class FeedForward(nn.Module):
         param_dtype=jnp.float32,
         kernel_init=_partitioned(nn.initializers.xavier_uniform(), names),
         bias_init=_partitioned(nn.initializers.zeros_init(), names[1:]),
+        dot_general=dot_general(cfg),
         name=name)
     h = nn.relu(dense(cfg.d_ff, ("embed", "mlp"), "wi")(x))
     h = constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
     return dense(cfg.d_model, ("mlp", "embed"), "wo")(h)
+
+
+def attend(config: TransformerConfig, embed: nn.Embed, y):
+  """Section 3.4's tied pre-softmax projection: y @ embedding^T.
+
+  y: [batch, length, d_model] -> logits [batch, length, vocab]. In float32
+  this is ``nn.Embed.attend``; with a low-precision compute dtype the product
+  takes bf16 inputs and accumulates (and returns) float32.
+  """
+  if config.compute_dtype == jnp.float32:
+    return embed.attend(y)
+  table = embed.embedding.astype(config.compute_dtype)
+  return jnp.einsum("bld,vd->blv", y.astype(config.compute_dtype), table,
+                    preferred_element_type=jnp.float32)
 
 
 def layer_norm(config: TransformerConfig, name: str) -> nn.LayerNorm:
@@ -149,7 +248,7 @@ def residual(config: TransformerConfig, name: str, x, sublayer: Callable,
   scope under ``<name>_norm``.
   """
   norm = layer_norm(config, f"{name}_norm")
-  drop = nn.Dropout(rate=config.dropout_rate)
+  drop = dropout(config)
   if config.pre_ln:
     return x + drop(sublayer(norm(x)), deterministic=deterministic)
   return norm(x + drop(sublayer(x), deterministic=deterministic))

@@ -118,7 +118,7 @@ class Encoder(nn.Module):
     if src_positions is None:
       src_positions = _default_positions(src)
     x = layers.embed_tokens(cfg, self.embed, src, src_positions,
-                            nn.Dropout(cfg.dropout_rate), deterministic)
+                            layers.dropout(cfg), deterministic)
     mask = _pair_mask(src, src, src_segment_ids, src_segment_ids)
     for i in range(cfg.num_encoder_layers):
       x = EncoderLayer(cfg, name=f"layers_{i}")(x, mask, deterministic)
@@ -148,7 +148,7 @@ class Decoder(nn.Module):
     if tgt_positions is None:
       tgt_positions = _default_positions(decoder_inputs)
     y = layers.embed_tokens(cfg, self.embed, decoder_inputs, tgt_positions,
-                            nn.Dropout(cfg.dropout_rate), deterministic)
+                            layers.dropout(cfg), deterministic)
     for i in range(cfg.num_decoder_layers):
       y = DecoderLayer(cfg, decode=self.decode, name=f"layers_{i}")(
           y, encoded, self_mask, cross_mask, deterministic)
@@ -177,7 +177,7 @@ class Transformer(nn.Module):
       if not cfg.tie_output_embedding:
         self.output_projection = nn.Dense(
             cfg.output_vocab_size, use_bias=False, dtype=cfg.compute_dtype,
-            param_dtype=jnp.float32,
+            param_dtype=jnp.float32, dot_general=layers.dot_general(cfg),
             kernel_init=nn.with_logical_partitioning(
                 nn.initializers.xavier_uniform(), ("embed", "vocab")))
     self.encoder = Encoder(cfg, self.source_embedding)
@@ -210,9 +210,9 @@ class Transformer(nn.Module):
     y = self.decoder(encoded, decoder_inputs, self_mask, cross_mask,
                      tgt_positions, deterministic)
     if self.config.share_embeddings or self.config.tie_output_embedding:
-      logits = self.target_embedding.attend(y)  # section 3.4: tied weights
+      logits = layers.attend(self.config, self.target_embedding, y)  # 3.4: tied
     else:
-      logits = self.output_projection(y)
+      logits = self.output_projection(y)  # float32 accumulation (layers.dot_general)
     logits = layers.constrain(
         logits, ("activation_batch", "activation_length", "activation_vocab"))
     return logits.astype(jnp.float32)

@@ -240,13 +240,6 @@ class LoadedModel(NamedTuple):
   tokenizer: tokenizer_lib.Tokenizer
 
 
-def resolve_step(workdir, checkpoint: str | int = "latest") -> int:
-  """The step of "latest", "best" or a step number, in the workdir."""
-  # pylint: disable=protected-access
-  return checkpointing._resolve_step(checkpointing._reader(workdir),
-                                     checkpoint)
-
-
 def average_checkpoints(workdir, steps: Sequence[int]):
   """Element-wise mean of the params of several steps.
 
@@ -268,7 +261,7 @@ def load_params(workdir, checkpoint: str | int = "latest",
   average_last=N > 1: the mean of the last N checkpoints up to and including
   the chosen one (fewer if fewer exist, with a warning).
   """
-  step = resolve_step(workdir, checkpoint)
+  step = checkpointing.resolve_step(workdir, checkpoint)
   model_config, params, experiment = checkpointing.load_for_inference(
       workdir, step)
   steps = [step]

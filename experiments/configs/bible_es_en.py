@@ -12,7 +12,12 @@ Choices for a ~30-minute, ~2,000-step run (the paper's settings assume
     the learning rate is still rising;
   * learning_rate_scale 0.6: peak lr = 0.6 * 256^-0.5 * 400^-0.5 = 1.9e-3
     at step 400, decaying as step^-0.5 to ~8e-4 at step 2000;
-  * label smoothing 0.1, dropout 0.1, Adam(0.9, 0.98, 1e-9): the paper's.
+  * label smoothing 0.1, dropout 0.1, Adam(0.9, 0.98, 1e-9): the paper's;
+  * departure for speed: dropout masks from one 32-bit random word per two
+    elements (model.dropout_impl="paired_bits": same rate, other masks),
+    measured ~9% less step time than nn.Dropout on this CPU;
+  * validation BLEU with greedy search on the first 128 validation verses
+    every 1000 steps: the "best" checkpoint is chosen by it (never by test).
 Train for a wall-time budget with --config.max_minutes=30 (the loop stops at
 whichever of num_train_steps / max_minutes comes first).
 """

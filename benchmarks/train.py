@@ -1,0 +1,288 @@
+"""Training-step benchmark: steps/s, target tokens/s, FLOPs, MFU, compile time, peak RSS.
+
+    python -m benchmarks.train [--presets tiny,small,base] [--max_lens 64,128,256]
+        [--tokens_per_step 0] [--steps 0] [--dtype float32]
+        [--prng default|threefry2x32|rbg|unsafe_rbg] [--peak_gflops 0]
+
+Runs ``train.steps.train_step`` exactly as training binds it
+(``train.steps.build``), under ``jax.jit`` with the state donated, on
+synthetic packed batches of the input pipeline's format (src, tgt, *_segment_ids,
+*_positions: int32 [rows, max_len]). Every step holds the same number of
+positions (``--tokens_per_step``; default 16 rows x 128 = 2048, the batch of
+experiments/configs/bible_es_en.py): rows = tokens_per_step // max_len.
+
+Each (preset, max_len) runs in its own subprocess so that compile time and the
+peak resident memory (``resource.getrusage``, ``ru_maxrss``) belong to that
+configuration alone. The float32 matmul peak (``benchmarks.peak.measure``) is
+measured in the same run: once at the start (``peak_f32_gflops_run_start``)
+and, in each child, once after every timed step (``peak_f32_gflops``, the
+median of those samples); ``mfu`` uses the latter, taken under the same
+machine load as the steps (the machine may be shared).
+
+Model FLOPs per step (``model_flops``, the usual 6ND count, Kaplan et al. 2020 /
+PaLM appendix B):
+
+    6 * (P_enc * S + (P_dec + P_out) * T)                  matmul weights
+  + 3 * 4 * d_model * rows * L_q * L_k * (#attention blocks)  scores and values
+
+P_enc / P_dec: the kernels of every Dense (q, k, v, out, wi, wo) in the
+encoder / decoder; P_out = vocab x d_model, the tied pre-softmax projection;
+S, T: source and target positions computed (rows x max_len, padding included,
+since the hardware computes it). Attention: QK^T and AV are 2 * L_q * L_k *
+d_model FLOPs each per row in the forward pass; x3 for forward + backward.
+Embedding lookups, LayerNorm, softmax, dropout, the loss and Adam are not model
+FLOPs. XLA's own count (``compiled.cost_analysis()['flops']``) is printed beside
+it: it also counts element-wise work, so it is a little higher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+# ---------------------------------------------------------------- data
+
+def synthetic_batch(rows: int, max_len: int, vocab_size: int, seed: int = 0
+                    ) -> dict[str, np.ndarray]:
+  """Packed rows like ``train/input_pipeline.py`` makes: pairs laid end to end.
+
+  Pair lengths are drawn so that a row holds a few pairs (target about as long
+  as the source), the tail of a row that fits no more pairs is padding (0).
+  """
+  rng = np.random.default_rng(seed)
+  out = {k: np.zeros((rows, max_len), np.int32) for k in (
+      "src", "tgt", "src_segment_ids", "tgt_segment_ids", "src_positions",
+      "tgt_positions")}
+  for r in range(rows):
+    s_at = t_at = 0
+    segment = 1
+    while True:
+      s_len = int(rng.integers(4, max(5, max_len // 2)))
+      t_len = max(2, int(s_len * rng.uniform(0.8, 1.25)))
+      if s_at + s_len > max_len or t_at + t_len > max_len:
+        break
+      for side, at, n in (("src", s_at, s_len), ("tgt", t_at, t_len)):
+        tokens = rng.integers(2, vocab_size, size=n).astype(np.int32)
+        tokens[-1] = 1  # eos
+        out[side][r, at:at + n] = tokens
+        out[f"{side}_segment_ids"][r, at:at + n] = segment
+        out[f"{side}_positions"][r, at:at + n] = np.arange(n)
+      s_at += s_len
+      t_at += t_len
+      segment += 1
+  return out
+
+
+# ---------------------------------------------------------------- FLOPs
+
+def model_flops(model_config, rows: int, max_len: int) -> dict[str, float]:
+  """Model FLOPs of one training step (forward + backward); see module doc."""
+  d, f = model_config.d_model, model_config.d_ff
+  attn = 4 * d * d                       # q, k, v, out kernels
+  ffn = 2 * d * f                        # wi, wo
+  p_enc = model_config.num_encoder_layers * (attn + ffn)
+  p_dec = model_config.num_decoder_layers * (2 * attn + ffn)
+  p_out = model_config.output_vocab_size * d
+  tokens = rows * max_len                # S = T: source and target positions
+  matmul = 6 * (p_enc * tokens + (p_dec + p_out) * tokens)
+  blocks = model_config.num_encoder_layers + 2 * model_config.num_decoder_layers
+  attention = 3 * 4 * d * rows * max_len * max_len * blocks
+  return {"matmul_params": p_enc + p_dec + p_out,
+          "flops": float(matmul + attention),
+          "attention_share": attention / (matmul + attention)}
+
+
+def xla_flops(compiled) -> float | None:
+  """XLA's own FLOP count of a compiled executable, or None if unavailable."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  value = (cost or {}).get("flops")
+  return float(value) if value is not None else None
+
+
+# ---------------------------------------------------------------- one config
+
+def run_one(preset: str, max_len: int, tokens_per_step: int, steps: int,
+            dtype: str, prng: str, peak_gflops: float,
+            model_overrides: dict | None = None) -> dict:
+  """Compile and time train_step for one (preset, max_len) in this process."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if prng != "default":
+    jax.config.update("jax_default_prng_impl", prng)
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import ml_collections  # pylint: disable=import-outside-toplevel
+
+  from benchmarks.common import machine  # pylint: disable=import-outside-toplevel
+  from model import TransformerConfig  # pylint: disable=import-outside-toplevel
+  from train import steps as steps_lib  # pylint: disable=import-outside-toplevel
+
+  model_config = TransformerConfig.preset(
+      preset, max_len=max(max_len, 8), dtype=dtype, **(model_overrides or {}))
+  # The fields of experiments/configs.base_config() that train.steps.build reads.
+  config = ml_collections.ConfigDict(dict(
+      label_smoothing=0.1,
+      optimizer=dict(learning_rate_scale=1.0, warmup_steps=4000, adam_b1=0.9,
+                     adam_b2=0.98, adam_eps=1e-9, grad_clip_norm=0.0,
+                     grad_accum_steps=1, weight_decay=0.0)))
+  parts = steps_lib.build(config, model_config)
+  rows = max(1, tokens_per_step // max_len)
+  batch = {k: jnp.asarray(v) for k, v in synthetic_batch(
+      rows, max_len, model_config.vocab_size).items()}
+  state = jax.jit(lambda r: steps_lib.create_train_state(
+      parts["model"], parts["tx"], r, batch))(jax.random.key(0))
+  rng = jax.random.key(1)
+
+  step = jax.jit(parts["train_step"], donate_argnums=(0,))
+  start = time.perf_counter()
+  compiled = step.lower(state, batch, rng).compile()
+  compile_s = time.perf_counter() - start
+
+  # The machine may be shared: a float32 peak sample (benchmarks.peak's
+  # 2048^3 jnp.dot) follows every timed step, so steps and peak see the same
+  # load, and MFU divides by the median of those samples.
+  size = 2048
+  a = jnp.ones((size, size), jnp.float32)
+  dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+  dot(a, a).block_until_ready()
+  state, metrics = compiled(state, batch, rng)   # warm-up
+  jax.block_until_ready(metrics)
+  times, peaks = [], []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch, rng)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    dot(a, a).block_until_ready()
+    peaks.append(2 * size**3 / (time.perf_counter() - start) / 1e9)
+  seconds = float(np.median(times))
+  peak_now = round(float(np.median(peaks)), 1)
+
+  flops = model_flops(model_config, rows, max_len)
+  xla = xla_flops(compiled)
+  tgt_tokens = int(np.count_nonzero(np.asarray(batch["tgt"])))
+  achieved = flops["flops"] / seconds / 1e9
+  return {
+      "benchmark": "train", "preset": preset, "max_len": max_len,
+      "dtype": dtype, "prng": prng, "rows": rows,
+      "model_overrides": model_overrides or {},
+      "steps_timed": steps, "step_s": round(seconds, 4),
+      "step_s_min": round(min(times), 4),
+      "steps_per_s": round(1 / seconds, 3),
+      "tgt_tokens_per_step": tgt_tokens,
+      "tgt_tokens_per_s": round(tgt_tokens / seconds),
+      "matmul_params": flops["matmul_params"],
+      "model_gflops_per_step": round(flops["flops"] / 1e9, 2),
+      "xla_gflops_per_step": round(xla / 1e9, 2) if xla else None,
+      "formula_over_xla": round(flops["flops"] / xla, 3) if xla else None,
+      "attention_flops_share": round(flops["attention_share"], 3),
+      "achieved_gflops": round(achieved, 1),
+      "peak_f32_gflops_run_start": peak_gflops or None,
+      "peak_f32_gflops": peak_now,
+      "mfu": round(achieved / peak_now, 3),
+      "mfu_vs_run_start_peak": (round(achieved / peak_gflops, 3)
+                                if peak_gflops else None),
+      "compile_s": round(compile_s, 2),
+      # Linux reports ru_maxrss in KiB.
+      "peak_rss_mib": round(resource.getrusage(
+          resource.RUSAGE_SELF).ru_maxrss / 1024),
+      "final_loss": round(float(metrics["loss"]), 4),
+      **machine(),
+  }
+
+
+# ---------------------------------------------------------------- driver
+
+def default_steps(preset: str, max_len: int) -> int:  # pylint: disable=unused-argument
+  """Fewer timed steps where a step takes seconds, so the default run stays
+  within a few minutes."""
+  return {"tiny": 20, "small": 8, "base": 3}.get(preset, 3)
+
+
+def default_tokens_per_step(preset: str) -> int:  # pylint: disable=unused-argument
+  """16 rows x 128 = 2048 positions, the batch of
+  experiments/configs/bible_es_en.py (the CPU experiment), for every preset."""
+  return 2048
+
+
+def run(presets=("tiny", "small", "base"), max_lens=(64, 128, 256),
+        tokens_per_step: int = 0, steps: int = 0, dtype: str = "float32",
+        prng: str = "default", peak_gflops: float = 0.0,
+        model_overrides: dict | None = None, quiet_table: bool = False
+        ) -> list[dict]:
+  """All configurations, each in a subprocess; returns the records."""
+  from benchmarks.common import emit, table  # pylint: disable=import-outside-toplevel
+  if not peak_gflops:
+    from benchmarks import peak  # pylint: disable=import-outside-toplevel
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    peak_gflops = round(peak.measure(2048, jnp.float32, 5), 1)
+  records = []
+  for preset in presets:
+    for max_len in max_lens:
+      args = dict(preset=preset, max_len=max_len,
+                  tokens_per_step=(tokens_per_step
+                                   or default_tokens_per_step(preset)),
+                  steps=steps or default_steps(preset, max_len), dtype=dtype,
+                  prng=prng, peak_gflops=peak_gflops,
+                  model_overrides=model_overrides)
+      load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+      proc = subprocess.run(
+          [sys.executable, "-m", "benchmarks.train", "--one", json.dumps(args)],
+          capture_output=True, text=True, check=False)
+      if proc.returncode:
+        sys.stderr.write(proc.stderr[-3000:])
+        record = {"benchmark": "train", "preset": preset, "max_len": max_len,
+                  "error": proc.stderr.strip().splitlines()[-1:]}
+      else:
+        record = json.loads(proc.stdout.strip().splitlines()[-1])
+      record["load_avg_1m_at_start"] = load
+      records.append(emit(record))
+  if not quiet_table:
+    print(table(records, ["preset", "max_len", "dtype", "rows", "steps_per_s",
+                          "tgt_tokens_per_s", "model_gflops_per_step",
+                          "xla_gflops_per_step", "mfu", "compile_s",
+                          "peak_rss_mib"]))
+  return records
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--presets", default="tiny,small,base")
+  parser.add_argument("--max_lens", default="64,128,256")
+  parser.add_argument("--tokens_per_step", type=int, default=0,
+                      help="0: 2048 (16 rows x 128, bible_es_en's batch)")
+  parser.add_argument("--steps", type=int, default=0,
+                      help="timed steps per config; 0: 20 tiny, 8 small, 3 base")
+  parser.add_argument("--dtype", default="float32",
+                      choices=["float32", "bfloat16"])
+  parser.add_argument("--prng", default="default",
+                      choices=["default", "threefry2x32", "rbg", "unsafe_rbg"],
+                      help="jax_default_prng_impl for the dropout keys")
+  parser.add_argument("--model", default="{}",
+                      help="JSON dict of TransformerConfig overrides")
+  parser.add_argument("--peak_gflops", type=float, default=0.0,
+                      help="float32 peak to use; 0: measure it now")
+  parser.add_argument("--one", default="", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.one:  # child process: one configuration, one JSON line
+    print(json.dumps(run_one(**json.loads(args.one))), flush=True)
+    return
+  run(args.presets.split(","), [int(x) for x in args.max_lens.split(",")],
+      args.tokens_per_step, args.steps, args.dtype, args.prng,
+      args.peak_gflops, json.loads(args.model))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,101 @@
+"""The speed paths of the model against its default float32 path."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model import (Transformer, TransformerConfig, attention_weights,
+                   init_cache, init_params)
+from model import layers
+
+TINY = TransformerConfig.preset("tiny")
+TINY_BF16 = TINY.replace(dtype="bfloat16")
+
+
+def _tokens(seed, shape):
+  return jnp.asarray(np.random.default_rng(seed).integers(
+      2, TINY.vocab_size, size=shape), jnp.int32)
+
+
+def _shapes(tree):
+  return jax.tree.map(lambda x: (x.shape, str(x.dtype)), tree)
+
+
+def test_bf16_keeps_params_tree_and_cache_layout():
+  f32 = init_params(TINY, jax.random.key(0))
+  bf16 = init_params(TINY_BF16, jax.random.key(0))
+  assert _shapes(f32) == _shapes(bf16)  # float32 params either way
+  cache = lambda cfg: jax.tree.map(lambda x: x.shape, init_cache(cfg, 2, 6, 5))
+  assert cache(TINY) == cache(TINY_BF16)
+
+
+def test_bf16_logits_close_to_float32_and_float32_out():
+  params = init_params(TINY, jax.random.key(0))
+  src, tgt = _tokens(0, (3, 12)), _tokens(1, (3, 10))
+  f32 = Transformer(TINY).apply({"params": params}, src, tgt)
+  bf16 = Transformer(TINY_BF16).apply({"params": params}, src, tgt)
+  assert bf16.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(bf16), np.asarray(f32), atol=0.05)
+  # Same predictions almost everywhere.
+  agree = np.mean(np.argmax(bf16, -1) == np.argmax(f32, -1))
+  assert agree > 0.95
+
+
+def test_bf16_matmuls_accumulate_in_float32():
+  params = init_params(TINY, jax.random.key(0))
+  src, tgt = _tokens(0, (2, 8)), _tokens(1, (2, 8))
+  jaxpr = jax.make_jaxpr(lambda p: Transformer(TINY_BF16).apply(
+      {"params": p}, src, tgt))(params)
+  dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert dots, "no matmuls found"
+  for e in dots:
+    assert all(v.aval.dtype == jnp.bfloat16 for v in e.invars), e
+    assert e.outvars[0].aval.dtype == jnp.float32, e
+
+
+def test_low_precision_attention_in_float32_equals_flax_default():
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 5, 4, 8)) for i in range(3))
+  mask = nn.make_attention_mask(jnp.ones((2, 5)), jnp.arange(5)[None] < 3)
+  mask = jnp.broadcast_to(mask, (2, 1, 5, 5))
+  ours = layers.low_precision_attention(q, k, v, mask=mask, dtype=jnp.float32)
+  flax_default = nn.dot_product_attention(q, k, v, mask=mask)
+  np.testing.assert_allclose(ours, flax_default, atol=1e-6)
+
+
+def test_bf16_attention_weights_are_distributions():
+  params = init_params(TINY, jax.random.key(0))
+  src, tgt = _tokens(0, (2, 7)), _tokens(1, (2, 6))
+  maps = attention_weights(TINY_BF16, params, src, tgt)
+  for kind in ("encoder_self", "decoder_self", "encoder_decoder"):
+    for w in maps[kind]:
+      assert w.dtype == jnp.float32
+      np.testing.assert_allclose(np.sum(w, -1), 1.0, atol=1e-5)
+
+
+def test_paired_bits_dropout_rate_and_scale():
+  x = jnp.ones((8, 64, 128))
+  drop = layers.PairedBitsDropout(rate=0.1)
+  y = drop.apply({}, x, deterministic=False,
+                 rngs={"dropout": jax.random.key(0)})
+  kept = np.asarray(y) != 0
+  assert abs(kept.mean() - 0.9) < 0.005
+  np.testing.assert_allclose(np.asarray(y)[kept], 1 / 0.9, rtol=1e-6)
+  # Independent halves: the two elements fed by one word are uncorrelated.
+  lo, hi = kept[..., :64].ravel(), kept[..., 64:].ravel()
+  assert abs(np.corrcoef(lo, hi)[0, 1]) < 0.02
+  assert drop.apply({}, x, deterministic=True) is x
+
+
+def test_paired_bits_dropout_is_a_config_switch():
+  params = init_params(TINY, jax.random.key(0))
+  src, tgt = _tokens(0, (2, 8)), _tokens(1, (2, 8))
+  cfg = TINY.replace(dropout_impl="paired_bits")
+  # Deterministic: identical to the default model.
+  np.testing.assert_array_equal(
+      Transformer(cfg).apply({"params": params}, src, tgt),
+      Transformer(TINY).apply({"params": params}, src, tgt))
+  noisy = Transformer(cfg).apply({"params": params}, src, tgt,
+                                 deterministic=False,
+                                 rngs={"dropout": jax.random.key(1)})
+  assert np.all(np.isfinite(noisy))
