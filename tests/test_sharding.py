@@ -128,7 +128,12 @@ def test_same_losses_and_params(results, run, reference):
       # rounding noise into +-lr steps. Only check it stays that small.
       assert np.abs(got[key]).max() < 1e-2, key
       continue
-    np.testing.assert_allclose(got[key], ref[key], rtol=1e-5, atol=1e-6,
+    # Key kernels share that invariance along the component common to all
+    # keys (e.g. a LayerNorm bias in the encoder output): its gradient is
+    # ~0, so Adam's normalisation magnifies reduction-order noise there to a
+    # few percent of one step (lr <= 2e-3 here). Other params: 1e-6.
+    atol = 1e-4 if key.endswith("key/kernel") else 1e-6
+    np.testing.assert_allclose(got[key], ref[key], rtol=1e-5, atol=atol,
                                err_msg=key)
   # The runs really trained: params moved away from the start.
   assert data[f"{run}/losses"][-1] < data[f"{run}/losses"][0]
