@@ -46,8 +46,27 @@ def constrain(x, names=BLD):
   return nn.with_logical_constraint(x, names)
 
 
+class _LogicallyPartitioned(nn.LogicallyPartitioned):
+  """Flax's box, but no sharding constraint on a value of another rank.
+
+  Flax's DenseGeneral (the attention projections) initialises its kernel
+  flat, [d_model, heads * head_dim], unboxes that temporary and reshapes it
+  to [d_model, heads, head_dim]; under a mesh and logical rules the unbox
+  would apply the 3-axis constraint to the 2-D temporary and fail. The
+  temporary is left unconstrained; the final kernel is constrained as usual.
+  """
+
+  def unbox(self, apply_constraint=True):
+    if self.value.ndim != len(self.names):
+      return self.value
+    return super().unbox(apply_constraint)
+
+
 def _partitioned(init: Callable, names: tuple[str, ...]) -> Callable:
-  return nn.with_logical_partitioning(init, names)
+  """nn.with_logical_partitioning, with the box above."""
+  def wrapper(*args, **kwargs):
+    return _LogicallyPartitioned(init(*args, **kwargs), names)
+  return wrapper
 
 
 def dot_general(config: TransformerConfig):

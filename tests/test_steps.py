@@ -112,16 +112,41 @@ def test_step_is_deterministic_and_dropout_follows_the_step():
       float(parts["schedule"](0)))
 
 
-def test_optimizer_has_paper_adam_and_optional_clipping():
+def numpy_adam(grads, lrs, b1=0.9, b2=0.98, eps=1e-9, clip=0.0):
+  """The paper's Adam (Kingma & Ba, bias-corrected), optional global clipping."""
+  m = v = np.zeros_like(grads[0])
+  updates = []
+  for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
+    norm = np.sqrt(np.sum(g * g))
+    if clip and norm > clip:
+      g = g * clip / norm
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
+    updates.append(-lr * m_hat / (np.sqrt(v_hat) + eps))
+  return updates
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_optimizer_is_the_papers_adam_with_optional_clipping(clip):
   opt = ml_collections.ConfigDict(dict(
       learning_rate_scale=1.0, warmup_steps=10, adam_b1=0.9, adam_b2=0.98,
-      adam_eps=1e-9, grad_clip_norm=1e-3, grad_accum_steps=1, weight_decay=0.0))
+      adam_eps=1e-9, grad_clip_norm=clip, grad_accum_steps=1, weight_decay=0.0))
   tx, schedule = steps.make_optimizer(opt, d_model=16)
-  params = {"w": jnp.ones(3)}
-  grads = {"w": jnp.array([1e3, 0.0, 0.0])}
-  updates, _ = tx.update(grads, tx.init(params), params)
-  # Adam's first update is lr * g / (|g| + eps) (bias-corrected): with or
-  # without clipping its size is lr for the nonzero coordinate.
-  np.testing.assert_allclose(float(updates["w"][0]), -float(schedule(0)),
-                             rtol=1e-4)
-  assert float(updates["w"][1]) == 0.0
+  rng = np.random.default_rng(0)
+  # Gradients of changing direction and size, so b2 = 0.98 and the clipping
+  # both shape the later updates.
+  grads = [rng.normal(size=4) * scale for scale in (3.0, 0.1, 1.0)]
+  params = {"w": jnp.zeros(4)}
+  state, got = tx.init(params), []
+  for g in grads:
+    updates, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, state, params)
+    got.append(np.asarray(updates["w"]))
+  lrs = [float(schedule(i)) for i in range(3)]
+  expected = numpy_adam(grads, lrs, clip=clip)
+  np.testing.assert_allclose(np.stack(got), np.stack(expected), rtol=1e-4)
+  if clip:  # clipping changes the result: not a no-op
+    unclipped = numpy_adam(grads, lrs)
+    assert np.abs(np.stack(unclipped) - np.stack(expected)).max() > 1e-4 * lrs[1]
+
+

@@ -70,11 +70,15 @@ def checkpoint_dir(workdir) -> epath.Path:
 
 
 # Fields that must match to resume: they fix the shapes and structure of the
-# state, or what the data iterator state means.
+# state, or what the saved data iterator state means (a restored iterator
+# yields the batches of an uninterrupted run only with the same data,
+# batching, packing and seed).
 STRUCTURAL_FIELDS = (
     "optimizer.grad_accum_steps", "optimizer.grad_clip_norm>0",
     "optimizer.weight_decay>0", "data.name", "data.source_lang",
-    "data.target_lang",
+    "data.target_lang", "data.train_split", "data.train_src_file",
+    "data.train_tgt_file", "data.train_tsv_file", "data.max_len",
+    "data.long_pairs", "data.seed", "data.num_packing_bins", "batch_size",
 )
 
 

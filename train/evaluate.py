@@ -38,6 +38,7 @@ from etils import epath
 import tokenizer as tokenizer_lib
 from model import EOS_ID, PAD_ID, TransformerConfig, decoding
 from train import checkpointing
+from train.datasets import parallel_text
 
 # Source lengths are padded up to one of these, so a whole split compiles the
 # decoder a handful of times only (one compilation per bucket).
@@ -204,7 +205,8 @@ def validation_bleu(model_config: TransformerConfig, params, batches,
   ``config.eval_bleu_alpha`` (default 0.6), outputs of at most source +
   ``config.eval_bleu_max_extra_len`` (default 50) tokens, and returns
   {"bleu", "chrf"}
-  against the matching references. Multi-host: each host scores its own rows.
+  against the matching references. Multi-host: the trainer passes every
+  host the same rows (all of them), so all hosts run the same search.
   """
   beam_size = int(config.get("eval_bleu_beam_size", 4))
   options = DecodeOptions(
@@ -350,19 +352,15 @@ def parse_checkpoint(value: str) -> str | int:
                      "step number") from None
 
 
-def _read_lines(path) -> list[str]:
-  text = epath.Path(path).read_text(encoding="utf-8")
-  return text.splitlines()
-
-
 def run(workdir, *, split="test", input_file=None, reference_file=None,
         checkpoint="latest", average_last=0, options=DecodeOptions(),
         output_dir=None) -> dict[str, Any]:
   """Decodes and scores; returns (and writes) the result record."""
   loaded = load_params(workdir, checkpoint, average_last)
   if input_file:
-    sources = _read_lines(input_file)
-    references = _read_lines(reference_file) if reference_file else None
+    sources = parallel_text.read_lines(input_file)
+    references = (parallel_text.read_lines(reference_file)
+                  if reference_file else None)
     what = epath.Path(input_file).name
   else:
     from train import input_pipeline  # pylint: disable=g-import-not-at-top

@@ -37,10 +37,13 @@ class MetricWriter:
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
       return
-    clean = {k: _number(v) for k, v in scalars.items()}
-    for key, value in clean.items():
+    numbers = {k: _number(v) for k, v in scalars.items()}
+    for key, value in numbers.items():
       if value is not None:
-        self._tb.add_scalar(key, value, step)
+        self._tb.add_scalar(key, value, step)  # NaN / Inf as floats
+    # JSON has no NaN / Inf: write those as strings.
+    clean = {k: v if v is None or math.isfinite(v) else str(v)
+             for k, v in numbers.items()}
     self._jsonl.write(json.dumps({"step": int(step), "time": time.time(),
                                   **clean}) + "\n")
     self._jsonl.flush()
@@ -61,12 +64,11 @@ class MetricWriter:
       self.enabled = False
 
 
-def _number(value):
+def _number(value) -> float | None:
   try:
-    value = float(value)
+    return float(value)
   except (TypeError, ValueError):
     return None
-  return value if math.isfinite(value) else str(value)
 
 
 def read_metrics(workdir) -> list[dict]:

@@ -22,6 +22,7 @@ the global batch. Only process 0 logs (``is_main_process``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Sequence
 
@@ -29,7 +30,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from train import steps as steps_lib
@@ -195,39 +195,14 @@ class JitRunner(Runner):
                          in_shardings=(self.shardings.params, batch_sh),
                          out_shardings=replicated)
 
-    self.activation_constraints = self._probe_activation_constraints()
-
+  @contextlib.contextmanager
   def _context(self):
     """Mesh + rules, so the model's activation constraints take effect."""
-    if not self.activation_constraints:
-      return _Contexts()
-    return _Contexts(jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules))
-
-  def _probe_activation_constraints(self) -> bool:
-    """Whether the model traces with its logical activation constraints on.
-
-    Under flax 0.12, a DenseGeneral with multi-dimensional features whose
-    kernel carries logical names (the attention projections) re-runs its
-    init abstractly at apply time and applies the 3-D constraint to the flat
-    2-D kernel, which fails. Then we trace without the rules context:
-    params and batch are still placed by in_shardings and XLA's propagation
-    shards the activations; only the explicit activation hints are lost.
-    """
-    batch = steps_lib.example_batch(self.global_batch_size, 8)
-    try:
-      with _Contexts(jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules)):
-        jax.eval_shape(self.parts["eval_step"], self._abstract.params, batch)
-      return True
-    except ValueError as e:
-      logging.warning("Activation sharding constraints off: the model does "
-                      "not trace under mesh + rules (%s...). Params and batch "
-                      "are still sharded.", str(e).splitlines()[0][:120])
-      return False
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      yield
 
   def init_state(self, rng):
-    # Traced outside the rules context on purpose: flax's DenseGeneral
-    # reshapes its boxed kernel at init and would apply the 3-D logical
-    # constraint to the 2-D temporary. out_shardings places the result.
+    # out_shardings places the fresh state by the rules.
     return self._init(rng)
 
   def place_state(self, state):
@@ -265,6 +240,13 @@ class PmapRunner(Runner):
                devices=None):
     super().__init__(config, model_config, global_batch_size, max_len,
                      devices)
+    if jax.process_count() > 1:
+      # A pmap given only this host's devices would reduce gradients within
+      # the host alone and the hosts' models would drift apart.
+      raise ValueError(
+          "config.parallelism='pmap' runs on one host only; with "
+          f"{jax.process_count()} processes use parallelism='jit' (the mesh "
+          "spans every host's devices)")
     self.devices = [d for d in self.devices
                     if d.process_index == jax.process_index()]
     self.n = len(self.devices)
@@ -342,16 +324,3 @@ def _axes(entry) -> tuple[str, ...]:
   return tuple(entry) if isinstance(entry, tuple) else (entry,)
 
 
-class _Contexts:
-  def __init__(self, *managers):
-    self.managers = managers
-
-  def __enter__(self):
-    for m in self.managers:
-      m.__enter__()
-    return self
-
-  def __exit__(self, *exc):
-    for m in reversed(self.managers):
-      m.__exit__(*exc)
-    return False

@@ -24,6 +24,7 @@ checkpoint, so none is written after a non-finite loss).
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import time
@@ -102,10 +103,11 @@ class _SyntheticEval:
     self.config, self.vocab_size = config, vocab_size
 
   def batches(self):
-    return SyntheticBatches(self.config.batch_size, self.config.data.max_len,
-                            self.vocab_size, seed=10_000 + self.config.seed,
-                            process_index=jax.process_index(),
-                            process_count=jax.process_count())
+    return itertools.islice(
+        SyntheticBatches(self.config.batch_size, self.config.data.max_len,
+                         self.vocab_size, seed=10_000 + self.config.seed,
+                         process_index=jax.process_index(),
+                         process_count=jax.process_count()), len(self))
 
   def __len__(self):
     return 2
@@ -221,6 +223,14 @@ def evaluate_bleu(config, runner, model_config, state, eval_data, tokenizer
                         "not available yet.", 1, BLEU_HOOK_MODULE,
                         BLEU_HOOK_FUNCTION)
     return {}
+  if jax.process_count() > 1:
+    # Every host decodes the same rows: the jitted search over the global
+    # params takes host-local numpy inputs as replicated, so they must agree
+    # across hosts; and the score then covers all rows, not one host's share.
+    from train import input_pipeline  # pylint: disable=g-import-not-at-top
+    eval_data = input_pipeline.make_eval_data(
+        config.data, tokenizer, config.batch_size, process_index=0,
+        process_count=1)
   batches = []
   for i, batch in enumerate(eval_data.batches()):
     if 0 <= config.eval_bleu_num_batches <= i:
@@ -296,7 +306,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       return {}
     fetched = jax.device_get([m for _, m in pending])
     for (s, _), m in zip(pending, fetched):
-      if not np.isfinite(m["loss"]):
+      # The loss is computed before the update: a finite loss with a
+      # non-finite gradient still leaves NaN params, so check both.
+      if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
         ckpt.wait()
         raise NonFiniteLossError(
             f"the training loss is {float(m['loss'])} at step {s} "

@@ -2,7 +2,7 @@
 
 For a machine with an accelerator (a GPU or a TPU VM): the same data and
 8k joint vocabulary as bible_es_en.py, the base shape (63M parameters with
-a 37k vocabulary; ~44M with 8k), 64 packed rows of 128 tokens (~7.5k target
+a 37k vocabulary; ~48M with 8k), 64 packed rows of 128 tokens (~7.5k target
 tokens per step). The corpus is small (~0.75M words a side), so dropout is
 raised to 0.3 against over-fitting (a departure from base's 0.1).
 """

@@ -36,7 +36,7 @@ class ParallelText:
     return len(self.src)
 
 
-def _read_lines(path: str) -> list[str]:
+def read_lines(path: str) -> list[str]:
   """Lines of a UTF-8 file without their line ends; fails naming the bad line."""
   try:
     data = epath.Path(path).read_bytes()
@@ -103,10 +103,10 @@ def read_parallel_text(
 ) -> ParallelText:
   """Reads aligned pairs from two line-aligned files or from one TSV file."""
   if tsv_path and not (src_path or tgt_path):
-    lines = _read_lines(tsv_path)
+    lines = read_lines(tsv_path)
     return _drop_empty(*_split_tsv(tsv_path, lines), where=tsv_path)
   if src_path and tgt_path and not tsv_path:
-    src, tgt = _read_lines(src_path), _read_lines(tgt_path)
+    src, tgt = read_lines(src_path), read_lines(tgt_path)
     if len(src) != len(tgt):
       raise ParallelTextError(
           f"Parallel text files are not line-aligned: {src_path} has "
