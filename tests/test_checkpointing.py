@@ -237,6 +237,28 @@ def test_keeps_last_n_plus_best(tmp_path):
       rtol=1e-6)
 
 
+def test_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
+  # `python -m train --workdir=runs/x` passes a relative path; Orbax itself
+  # refuses relative paths for array data.
+  from model import TransformerConfig
+  from train import checkpointing, sharding
+  monkeypatch.chdir(tmp_path)
+  config = _config(dict(data=1, fsdp=1, tensor=1))
+  model_config = TransformerConfig.preset("tiny")
+  runner = sharding.make_runner(config, model_config, 16, 32)
+  ckpt = checkpointing.Checkpointer("runs/relative", config)
+  state = _random_state(runner, 7)
+  ckpt.save(3, runner.place_state(state), None,
+            checkpointing.config_record(config, model_config))
+  ckpt.wait()
+  ckpt.close()
+  assert (tmp_path / "runs/relative/checkpoints/3/state").is_dir()
+  _, params, _ = checkpointing.load_for_inference("runs/relative")
+  np.testing.assert_array_equal(
+      np.asarray(params["shared_embedding"]["embedding"]),
+      state.params["shared_embedding"]["embedding"])
+
+
 def test_best_metric_policy():
   from train import checkpointing
   config = _config()

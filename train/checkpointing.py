@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from typing import Any, Sequence
 
 import grain
@@ -66,7 +67,11 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def checkpoint_dir(workdir) -> epath.Path:
-  return epath.Path(workdir) / CHECKPOINT_DIR
+  """<workdir>/checkpoints, absolute (Orbax refuses relative local paths)."""
+  path = epath.Path(workdir)
+  if "://" not in str(workdir):  # local, not gs:// or another file system
+    path = epath.Path(os.path.abspath(os.fspath(path)))
+  return path / CHECKPOINT_DIR
 
 
 # Fields that must match to resume: they fix the shapes and structure of the
