@@ -227,9 +227,9 @@ def test_keeps_last_n_plus_best(tmp_path):
   np.testing.assert_array_equal(
       np.asarray(params["shared_embedding"]["embedding"]),
       _random_state(runner, 2).params["shared_embedding"]["embedding"])
-  # Several steps' params, for checkpoint averaging.
-  both = checkpointing.restore_params(tmp_path, [5, 6])
-  mean = checkpointing.average_params(both)
+  # Several steps' params, averaged as evaluation does.
+  from train import evaluate
+  mean = evaluate.average_checkpoints(tmp_path, [5, 6])
   np.testing.assert_allclose(
       np.asarray(mean["shared_embedding"]["embedding"]),
       (_random_state(runner, 5).params["shared_embedding"]["embedding"] +

@@ -404,9 +404,3 @@ def load_for_inference(workdir, checkpoint: str | int = "latest"
   params = restore_params(workdir, [step])[0]
   logging.info("Loaded params of step %d from %s", step, ckpt.directory)
   return model_config, params, ml_collections.ConfigDict(record["experiment"])
-
-
-def average_params(params_list: Sequence[Any]):
-  """Element-wise mean of several params trees (checkpoint averaging)."""
-  n = len(params_list)
-  return jax.tree.map(lambda *xs: sum(xs) / n, *params_list)
