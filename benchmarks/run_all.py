@@ -1,6 +1,7 @@
 """Every benchmark in one command; writes benchmarks/results/<YYYY-MM-DD>.json.
 
     python -m benchmarks.run_all [--quick] [--skip decode,pipeline] [--out PATH]
+        [--workdir runs/bible_es_en]
 
 Runs, in order: ``peak`` (float32 and bf16 matmul GFLOP/s), ``train`` (tiny /
 small / base x max_len 64 / 128 / 256, float32, plus ``small`` at 128 in
@@ -8,7 +9,8 @@ bfloat16 for the bf16/f32 ratio), ``decode`` (if ``benchmarks/decode.py``
 exists) and ``pipeline``. The train benchmark runs in-process through
 ``benchmarks.train.run``; decode and pipeline run as subprocesses and their
 JSON lines are collected. A benchmark that fails is recorded with its error and
-the others still run. The result file holds the machine, the load average
+the others still run. --workdir: the trained run that ``decode`` loads
+(without it decode uses random params, a worst case). The result file holds the machine, the load average
 before and after, and every record.
 
 --quick: small only at 128 (float32 and bf16), for a check in about a minute.
@@ -66,6 +68,8 @@ def main():
   parser.add_argument("--skip", default="",
                       help="comma-separated: peak,train,decode,pipeline")
   parser.add_argument("--out", default="")
+  parser.add_argument("--workdir", default="",
+                      help="trained run for the decode benchmark")
   parser.add_argument("--timeout", type=float, default=1800,
                       help="seconds per subprocess benchmark")
   args = parser.parse_args()
@@ -104,7 +108,9 @@ def main():
       results["benchmarks"].append({"name": "train", "error": repr(e)})
   if "decode" not in skip and (ROOT / "benchmarks" / "decode.py").exists():
     results["benchmarks"].append(
-        _subprocess("decode", ["-m", "benchmarks.decode"], args.timeout))
+        _subprocess("decode", ["-m", "benchmarks.decode"] + (
+            [f"--workdir={args.workdir}"] if args.workdir else []),
+                    args.timeout))
   if "pipeline" not in skip and (ROOT / "benchmarks" / "pipeline.py").exists():
     results["benchmarks"].append(
         _subprocess("pipeline", ["benchmarks/pipeline.py"], args.timeout))

@@ -172,7 +172,7 @@ def _one_hypothesis_loop(config, params, src, choose: Callable,
   batch = src.shape[0]
   max_decode_len, limits = decode_limits(config, src, max_extra_len)
   encoded = _encode(config, params, src)
-  cache = (init_cache(config, batch, max_decode_len, src.shape[1])
+  cache = (init_cache(config, params, encoded, max_decode_len)
            if use_cache else None)
   # seqs[:, 0] is the start token; step i writes the i-th output at i + 1.
   seqs = jnp.full((batch, max_decode_len + 1), PAD_ID, jnp.int32)
@@ -254,15 +254,24 @@ def _gather_beams(x, beam_indices):
   return jax.vmap(lambda row, idx: row[idx])(x, beam_indices)
 
 
+_SAME_FOR_EVERY_BEAM = ("cross_key", "cross_value")
+
+
 def _reorder_cache(cache, beam_indices, beam_size: int):
   """Reorders cache rows [batch * beam, ...] to follow the surviving beams.
 
-  Scalar leaves (cache_index, decoder position) are shared by all rows and are
-  left as they are.
+  Scalar leaves (cache_index, decoder position) are shared by all rows, and
+  the cross-attention keys/values are the same for every beam of a sentence:
+  both are left as they are.
   """
   batch = beam_indices.shape[0]
   flat = (jnp.arange(batch)[:, None] * beam_size + beam_indices).reshape(-1)
-  return jax.tree.map(lambda x: x if x.ndim == 0 else x[flat], cache)
+
+  def reorder(path, x):
+    if x.ndim == 0 or path[-1].key in _SAME_FOR_EVERY_BEAM:
+      return x
+    return x[flat]
+  return jax.tree_util.tree_map_with_path(reorder, cache)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "beam_size", "alpha",
@@ -297,7 +306,7 @@ def beam_search(config: TransformerConfig, params, src, *, beam_size: int = 4,
   # (row-major: flat row b * beam_size + k is beam k of sentence b).
   encoded = jnp.repeat(_encode(config, params, src), beam_size, axis=0)
   flat_src = jnp.repeat(src, beam_size, axis=0)
-  cache = init_cache(config, batch * beam_size, max_decode_len, src_len)
+  cache = init_cache(config, params, encoded, max_decode_len)
 
   seq_shape = (batch, beam_size, max_decode_len + 1)  # column 0: start token
   # Only beam 0 starts alive; the others at -inf never become duplicates.

@@ -13,8 +13,10 @@ internally (start token = pad id 0). Packed rows pass ``*_segment_ids`` (1, 2,
 crosses pairs.
 
 For one-token-at-a-time inference build ``Transformer(config, use_cache=True)``,
-create the key/value cache with ``init_cache`` and call ``decode`` with
-``tgt`` = the previous token [batch, 1] and ``mutable=["cache"]``.
+create the key/value cache with ``init_cache(config, params, encoded, ...)``
+(which also projects the encoder output into the cross-attention keys and
+values, once) and call ``decode`` with ``tgt`` = the previous token [batch, 1]
+and ``mutable=["cache"]``.
 
 Params tree (documented names, for anyone opening a checkpoint):
   shared_embedding/embedding                [vocab, d_model]   (joint vocab)
@@ -86,21 +88,31 @@ class DecoderLayer(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, y, encoded, self_mask, cross_mask, deterministic: bool):
-    """y: [batch, tgt_len, d_model]; encoded: [batch, src_len, d_model]."""
+  def __call__(self, y, encoded, self_mask, cross_mask, deterministic: bool,
+               prime: bool = False):
+    """y: [batch, tgt_len, d_model]; encoded: [batch, src_len, d_model].
+
+    prime (decode only): fill the cross-attention keys/values from encoded.
+    """
     cfg = self.config
+    if self.decode:
+      cross_attention = layers.CachedCrossAttention(cfg, name="cross_attention")
+      if prime:
+        return cross_attention(None, encoded, prime=True)
+      attend_encoded = lambda h: cross_attention(h, encoded, cross_mask)
+    else:
+      cross_attention = layers.attention(cfg, "cross_attention")
+      attend_encoded = lambda h: cross_attention(
+          h, encoded, mask=cross_mask, deterministic=deterministic,
+          sow_weights=True)
     self_attention = layers.attention(cfg, "self_attention", decode=self.decode)
-    cross_attention = layers.attention(cfg, "cross_attention")
     y = layers.residual(
         cfg, "self_attention", y,
         lambda h: self_attention(h, h, mask=self_mask,
                                  deterministic=deterministic, sow_weights=True),
         deterministic)
-    y = layers.residual(
-        cfg, "cross_attention", y,
-        lambda h: cross_attention(h, encoded, mask=cross_mask,
-                                  deterministic=deterministic, sow_weights=True),
-        deterministic)
+    y = layers.residual(cfg, "cross_attention", y, attend_encoded,
+                        deterministic)
     y = layers.residual(cfg, "ffn", y, layers.FeedForward(cfg, name="ffn"),
                         deterministic)
     return layers.constrain(y)
@@ -134,9 +146,19 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, encoded, decoder_inputs, self_mask, cross_mask,
-               tgt_positions=None, deterministic: bool = True):
-    """decoder_inputs: int [batch, tgt_len] -> [batch, tgt_len, d_model]."""
+               tgt_positions=None, deterministic: bool = True,
+               prime: bool = False):
+    """decoder_inputs: int [batch, tgt_len] -> [batch, tgt_len, d_model].
+
+    prime (decode only): fill every layer's cross-attention cache from
+    encoded and return None.
+    """
     cfg = self.config
+    if prime:
+      for i in range(cfg.num_decoder_layers):
+        DecoderLayer(cfg, decode=True, name=f"layers_{i}")(
+            None, encoded, None, None, True, prime=True)
+      return None
     if self.decode:
       # The position of the token being fed, kept in the cache with the keys.
       initialized = self.has_variable("cache", "position")
@@ -217,6 +239,13 @@ class Transformer(nn.Module):
         logits, ("activation_batch", "activation_length", "activation_vocab"))
     return logits.astype(jnp.float32)
 
+  def prime_cache(self, encoded):
+    """use_cache=True: project ``encoded`` [batch, src_len, d_model] into every
+    decoder layer's cross-attention keys/values (call with mutable=["cache"])."""
+    if not self.use_cache:
+      raise ValueError("prime_cache needs Transformer(config, use_cache=True)")
+    self.decoder(encoded, None, None, None, prime=True)
+
   def __call__(self, src, tgt, src_segment_ids=None, tgt_segment_ids=None,
                src_positions=None, tgt_positions=None,
                deterministic: bool = True):
@@ -235,18 +264,24 @@ def init_params(config: TransformerConfig, rng, src_len: int = 8,
   return nn.unbox(variables["params"])
 
 
-def init_cache(config: TransformerConfig, batch_size: int, max_decode_len: int,
-               src_len: int) -> Any:
-  """Zero key/value cache for ``Transformer(config, use_cache=True)``.
+def init_cache(config: TransformerConfig, params, encoded,
+               max_decode_len: int) -> Any:
+  """The cache of ``Transformer(config, use_cache=True)`` for one batch.
 
-  Built from shapes alone (``jax.eval_shape``), so no parameters are made.
+  encoded: the encoder output [batch, src_len, d_model]. Self-attention
+  keys/values start empty (room for ``max_decode_len`` tokens); the
+  cross-attention keys/values are projected from ``encoded`` here, once.
   """
   model = Transformer(config, use_cache=True)
+  batch_size, src_len, _ = encoded.shape
   src = jnp.ones((batch_size, src_len), jnp.int32)
   tgt = jnp.ones((batch_size, max_decode_len), jnp.int32)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), src, tgt))
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                      nn.unbox(shapes["cache"]))
+  cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                       nn.unbox(shapes["cache"]))
+  _, variables = model.apply({"params": params, "cache": cache}, encoded,
+                             method=Transformer.prime_cache, mutable=["cache"])
+  return variables["cache"]
 
 
 def attention_weights(config: TransformerConfig, params, src, tgt

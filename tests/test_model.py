@@ -166,7 +166,7 @@ def test_cached_one_token_decoding_equals_teacher_forcing(params):
   teacher = logits_of(params, src, tgt)
   model = Transformer(TINY)
   encoded = model.apply({"params": params}, src, method=Transformer.encode)
-  cache = init_cache(TINY, batch_size=3, max_decode_len=7, src_len=8)
+  cache = init_cache(TINY, params, encoded, max_decode_len=7)
   cached_model = Transformer(TINY, use_cache=True)
   step = jax.jit(lambda cache, token: cached_model.apply(
       {"params": params, "cache": cache}, encoded, src, token,

@@ -26,7 +26,9 @@ def test_bf16_keeps_params_tree_and_cache_layout():
   f32 = init_params(TINY, jax.random.key(0))
   bf16 = init_params(TINY_BF16, jax.random.key(0))
   assert _shapes(f32) == _shapes(bf16)  # float32 params either way
-  cache = lambda cfg: jax.tree.map(lambda x: x.shape, init_cache(cfg, 2, 6, 5))
+  encoded = jnp.zeros((2, 5, TINY.d_model))
+  cache = lambda cfg: jax.tree.map(
+      lambda x: x.shape, init_cache(cfg, f32, encoded.astype(cfg.compute_dtype), 6))
   assert cache(TINY) == cache(TINY_BF16)
 
 

@@ -37,7 +37,7 @@ def test_same_order_and_empty_lines(workdir):
   got = out.split("\n")
   assert got[-1] == "" and len(got) == len(lines) + 1
   loaded = evaluate.load_params(workdir)
-  expected = evaluate.translate_texts(
+  expected, _, _ = evaluate.translate_texts(
       loaded.model_config, loaded.params, loaded.tokenizer, lines,
       evaluate.DecodeOptions(method="greedy", max_extra_len=4, batch_size=4),
       max_src_tokens=loaded.experiment_config.data.max_len)

@@ -294,6 +294,14 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(**args))
     return state_from_dict(abstract_state, restored[STATE])
 
+  def check_for_errors(self):
+    """Raises now if an earlier async save failed.
+
+    Orbax otherwise reports a failed background save only at the next save
+    or ``wait``, which can be the end of a long run.
+    """
+    self.manager.check_for_errors()
+
   def wait(self):
     self.manager.wait_until_finished()
 

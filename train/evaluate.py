@@ -16,7 +16,8 @@ Library functions (also used by train.translate and the trainer):
   make_batches(sources, batch_size, max_len)  length-bucketed batches
   decode_batch(model_config, params, src, options, batch_index) -> tokens
   decode_ids(model_config, params, sources, options) -> list[list[int]]
-  translate_texts(model_config, params, tok, texts, options) -> list[str]
+  translate_texts(model_config, params, tok, texts, options)
+                                    -> (translations, source ids, output ids)
   score(hypotheses, references) -> dict   (bleu, chrf and their signatures)
   validation_bleu(model_config, params, batches, eval_data, tokenizer, config)
   load_params(workdir, checkpoint, average_last) -> LoadedModel
@@ -28,7 +29,7 @@ import dataclasses
 import json
 import math
 import sys
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -155,25 +156,46 @@ def truncate(ids: np.ndarray, max_tokens: int) -> np.ndarray:
   return np.concatenate([ids[:max_tokens - 1], [EOS_ID]]).astype(np.int32)
 
 
+def encode_sources(tok: tokenizer_lib.Tokenizer, texts: Sequence[str],
+                   max_src_tokens: int,
+                   on_truncate: Callable[[int, int], None] | None = None
+                   ) -> tuple[list[int], list[np.ndarray]]:
+  """(indices of the non-empty texts, their token ids with eos).
+
+  Ids longer than max_src_tokens are truncated (eos kept); on_truncate(index,
+  num_tokens) is told of each.
+  """
+  keep = [i for i, text in enumerate(texts) if text.strip()]
+  ids = []
+  for i, x in zip(keep, tok.encode_batch([texts[i] for i in keep])):
+    if len(x) > max_src_tokens:
+      if on_truncate is not None:
+        on_truncate(i, len(x))
+      x = truncate(x, max_src_tokens)
+    ids.append(x)
+  return keep, ids
+
+
 def translate_texts(model_config: TransformerConfig, params,
                     tok: tokenizer_lib.Tokenizer, texts: Sequence[str],
-                    options: DecodeOptions, max_src_tokens: int | None = None
-                    ) -> list[str]:
-  """Sentences -> translations, same order. Empty input gives empty output.
+                    options: DecodeOptions, max_src_tokens: int | None = None,
+                    on_truncate: Callable[[int, int], None] | None = None
+                    ) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+  """Sentences -> (translations, source ids, output ids).
 
-  Sources longer than max_src_tokens (default: the model's max_len) are
-  truncated; ``train.translate`` warns about them, this function does not.
+  translations: one per text, same order; an empty text gives "". The id
+  lists hold the non-empty texts only (see ``encode_sources``; output ids
+  without eos). Sources longer than max_src_tokens (default and cap: the
+  model's max_len) are truncated.
   """
   max_src_tokens = min(max_src_tokens or model_config.max_len,
                        model_config.max_len)
-  keep = [i for i, text in enumerate(texts) if text.strip()]
-  ids = [truncate(x, max_src_tokens)
-         for x in tok.encode_batch([texts[i] for i in keep])]
-  hypotheses = tok.decode_batch(decode_ids(model_config, params, ids, options))
+  keep, ids = encode_sources(tok, texts, max_src_tokens, on_truncate)
+  outputs = decode_ids(model_config, params, ids, options)
   out = [""] * len(texts)
-  for i, hypothesis in zip(keep, hypotheses):
+  for i, hypothesis in zip(keep, tok.decode_batch(outputs)):
     out[i] = hypothesis
-  return out
+  return out, ids, outputs
 
 
 # ---------------------------------------------------------------- scoring
@@ -371,7 +393,7 @@ def run(workdir, *, split="test", input_file=None, reference_file=None,
     sources, references = eval_data.sources, eval_data.references
     what = split
   max_src_tokens = loaded.experiment_config.get("data", {}).get("max_len")
-  hypotheses = translate_texts(loaded.model_config, loaded.params,
+  hypotheses, _, _ = translate_texts(loaded.model_config, loaded.params,
                                loaded.tokenizer, sources, options,
                                max_src_tokens=max_src_tokens)
   out_dir = epath.Path(output_dir or epath.Path(workdir) / "eval")

@@ -55,12 +55,10 @@ import numpy as np
 from absl import logging
 
 import tokenizer as tokenizer_lib
+from train import steps
 from train.datasets import sources
 
-KEYS = (
-    "src", "tgt", "src_segment_ids", "tgt_segment_ids", "src_positions",
-    "tgt_positions",
-)
+KEYS = steps.BATCH_KEYS  # the arrays of one batch: the train step's inputs
 LONG_PAIRS = ("drop", "truncate")
 
 

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from train import input_pipeline
 from train import steps as steps_lib
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -211,8 +212,8 @@ class JitRunner(Runner):
 
   def place_batch(self, batch: dict[str, np.ndarray]):
     """Host-local rows -> global arrays sharded over the batch axes."""
-    return {k: jax.make_array_from_process_local_data(
-        self.batch_sharding, np.asarray(batch[k])) for k in steps_lib.BATCH_KEYS}
+    return input_pipeline.make_global_batch(
+        {k: batch[k] for k in steps_lib.BATCH_KEYS}, self.batch_sharding)
 
   def train_step(self, state, batch, rng):
     with self._context():

@@ -369,6 +369,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       finishing = step >= total or want_stop
       if step == 1 or step % config.log_every_steps == 0 or finishing:
         log()
+        ckpt.check_for_errors()
       # On SIGTERM save first and fast; skip the final evaluation.
       evaluate_now = (step % config.eval_every_steps == 0 or
                       (finishing and not stop.requested))

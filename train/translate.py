@@ -124,25 +124,18 @@ def run(argv: Sequence[str], stdin: BinaryIO, stdout: TextIO,
   max_tokens = (f.max_input_tokens or
                 loaded.experiment_config.get("data", {}).get("max_len") or
                 cfg.max_len)
-  max_tokens = min(max_tokens, cfg.max_len)
-  keep = [i for i, line in enumerate(lines) if line.strip()]
-  sources = []
-  for i, ids in zip(keep, tok.encode_batch([lines[i] for i in keep])):
-    if len(ids) > max_tokens:
-      _warn(stderr, f"line {i + 1}: {len(ids)} tokens (eos included), "
-            f"truncated to {max_tokens} (--max_input_tokens)")
-      ids = evaluate.truncate(ids, max_tokens)
-    sources.append(ids)
-  outputs = evaluate.decode_ids(cfg, loaded.params, sources, options)
-  translations = [""] * len(lines)
-  for i, text in zip(keep, tok.decode_batch(outputs)):
-    translations[i] = text
+  translations, sources, outputs = evaluate.translate_texts(
+      cfg, loaded.params, tok, lines, options, max_tokens,
+      on_truncate=lambda i, n: _warn(
+          stderr, f"line {i + 1}: {n} tokens (eos included), truncated to "
+          f"{min(max_tokens, cfg.max_len)} (--max_input_tokens)"))
   for text in translations:
     stdout.write(text + "\n")
   stdout.flush()
 
   if f.attention_png:
     [ids], [out] = sources, outputs
+    [i] = [j for j, line in enumerate(lines) if line.strip()]
     tgt = np.asarray([list(out) + [EOS_ID]], np.int32)
     weights = jax.jit(attention_weights, static_argnums=0)(cfg, loaded.params,
                                 jnp.asarray(ids[None, :]), jnp.asarray(tgt))
@@ -150,7 +143,7 @@ def run(argv: Sequence[str], stdin: BinaryIO, stdout: TextIO,
       path = attention_plot.plot_attention(
           f.attention_png, weights, [tok.id_to_piece(t) for t in ids],
           [tok.id_to_piece(t) for t in tgt[0]], layer=f.attention_layer,
-          title=f"{lines[keep[0]]}\n-> {translations[keep[0]]}")
+          title="\n-> ".join((lines[i], translations[i])))
     except ValueError as e:
       print(f"error: {e}", file=stderr)
       return 2

@@ -10,11 +10,15 @@ The rules are the measured ones of the project's CORPUS.md:
 - number the 1,189 KJV chapters in canonical order from 0 (Gen 1 = 0,
   Rev 22 = 1188): index % 30 == 0 -> validation, == 15 -> test, else train.
   Counting every chapter, not just kept ones, keeps the split stable when the
-  filter changes, and whole chapters never straddle splits.
+  filter changes, and whole chapters never straddle splits;
+- truecase the upper-cased opening of each Spanish chapter ("Y FUERON
+  acabados" -> "Y fueron acabados", "EMPERO la" -> "Empero la") from word
+  counts of the Spanish training verses.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import re
@@ -77,6 +81,50 @@ def _ratio_ok(a: str, b: str) -> bool:
   return low <= len(a) / len(b) <= high
 
 
+_WORD = re.compile(r"\w+")
+
+
+def _is_upper_word(word: str) -> bool:
+  return word.isupper() and len(word) > 1
+
+
+def casing_counts(texts) -> dict[str, collections.Counter]:
+  """lower-cased word -> Counter of its spellings, upper-cased words excluded."""
+  counts = collections.defaultdict(collections.Counter)
+  for text in texts:
+    for word in _WORD.findall(text):
+      if not _is_upper_word(word):
+        counts[word.lower()][word] += 1
+  return counts
+
+
+def truecase_opening(text: str, counts: dict[str, collections.Counter]) -> str:
+  """The upper-cased words at the start of a verse, in their usual casing.
+
+  The leading words (up to the first one not all capitals) take their most
+  frequent spelling in ``counts``; the first keeps a capital initial. A word
+  the counts never saw is lower-cased (capitalised if first).
+  """
+  words = list(_WORD.finditer(text))
+  # A one-letter first word ("Y", "A") belongs to the run only when an
+  # upper-cased word follows it.
+  start = 1 if (len(words) > 1 and len(words[0].group()) == 1
+                and words[0].group().isupper()) else 0
+  run = []
+  for match in words[start:]:
+    if not _is_upper_word(match.group()):
+      break
+    run.append(match)
+  for match in reversed(run):
+    word = match.group()
+    seen = counts.get(word.lower())
+    cased = seen.most_common(1)[0][0] if seen else word.lower()
+    if match is words[0]:
+      cased = cased[:1].upper() + cased[1:]
+    text = text[:match.start()] + cased + text[match.end():]
+  return text
+
+
 def aligned_pairs(sword_dir: str | None = None) -> dict[str, list[VersePair]]:
   """Reads, cleans, aligns and filters the corpus.
 
@@ -108,6 +156,9 @@ def aligned_pairs(sword_dir: str | None = None) -> dict[str, list[VersePair]]:
     index = chapter_index[key[:2]]
     pair = VersePair(format_ref(key), index, es, en)
     splits[split_of_chapter(index)].append(pair)
+  counts = casing_counts(pair.es for pair in splits["train"])
+  splits = {name: [dataclasses.replace(p, es=truecase_opening(p.es, counts))
+                   for p in pairs] for name, pairs in splits.items()}
   logging.info(
       "bible_es_en: %d verse pairs non-empty on both sides, %d dropped by the"
       " alignment filter, kept %s",

@@ -34,8 +34,11 @@ Split by chapter index (0-based, KJV order) mod 30: 0 validation, 15 test.
 class BibleEsEn(tfds.core.GeneratorBasedBuilder):
   """Spanish→English Bible verse pairs from locally installed SWORD modules."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Strong's-Dice alignment filter, chapter split."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Strong's-Dice alignment filter, chapter split.",
+      "1.1.0": "Spanish chapter openings truecased (\"Y FUERON\" -> \"Y fueron\").",
+  }
 
   def __init__(self, *, file_format=None, **kwargs):
     # array_record unless asked otherwise: readable by tfds.data_source and
