@@ -8,10 +8,16 @@ Choices for a ~30-minute, ~2,000-step run (the paper's settings assume
 100k steps of 25k-token batches on 8 GPUs):
   * batch_size 16 rows (~1,900 target tokens per step after packing): many
     small updates beat few large ones when the step budget is ~2k;
-  * warmup_steps 400 instead of 4000: with 4000 the run would end while
-    the learning rate is still rising;
-  * learning_rate_scale 0.6: peak lr = 0.6 * 256^-0.5 * 400^-0.5 = 1.9e-3
-    at step 400, decaying as step^-0.5 to ~8e-4 at step 2000;
+  * pre-LN residual blocks (model.pre_ln, a departure: LayerNorm before
+    each sublayer, one final LayerNorm per stack) with warmup_steps 150
+    instead of 4000. Measured on this corpus, same steps and batches:
+    post-LN with warmup 150 stalls (validation loss 6.39 at step 100, 6.49
+    at step 200); post-LN with warmup 400 (the previous setting) reaches
+    5.39 / 5.00 / 4.56 at steps 200 / 300 / 500; pre-LN with warmup 150
+    reaches 4.93 / 4.57 at steps 200 / 300, the loss post-LN needs ~500
+    steps for;
+  * learning_rate_scale 0.6: peak lr = 0.6 * 256^-0.5 * 150^-0.5 = 3.1e-3
+    at step 150, decaying as step^-0.5 to ~8e-4 at step 2000;
   * label smoothing 0.1, dropout 0.1, Adam(0.9, 0.98, 1e-9): the paper's;
   * departure for speed: dropout masks from one 32-bit random word per two
     elements (model.dropout_impl="paired_bits": same rate, other masks),
@@ -32,7 +38,8 @@ def get_config():
   c.data.max_len = 128
   c.data.vocab_size = 8000
   c.batch_size = 16
-  c.optimizer.warmup_steps = 400
+  c.model.pre_ln = True
+  c.optimizer.warmup_steps = 150
   c.optimizer.learning_rate_scale = 0.6
   c.num_train_steps = 4000
   c.max_minutes = 0.0
