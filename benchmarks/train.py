@@ -116,17 +116,17 @@ def xla_flops(compiled) -> float | None:
 
 # ---------------------------------------------------------------- one config
 
-def run_one(preset: str, max_len: int, tokens_per_step: int, steps: int,
-            dtype: str, prng: str, peak_gflops: float,
-            model_overrides: dict | None = None) -> dict:
-  """Compile and time train_step for one (preset, max_len) in this process."""
+def build(preset: str, max_len: int, tokens_per_step: int, dtype: str,
+          model_overrides: dict | None = None):
+  """(model_config, rows, train_step, state, batch, rng) of one config.
+
+  train_step is ``train.steps.build``'s (not jitted), state its fresh train
+  state, batch one synthetic packed batch of rows = tokens_per_step // max_len.
+  """
   import jax  # pylint: disable=import-outside-toplevel
-  if prng != "default":
-    jax.config.update("jax_default_prng_impl", prng)
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import ml_collections  # pylint: disable=import-outside-toplevel
 
-  from benchmarks.common import machine  # pylint: disable=import-outside-toplevel
   from model import TransformerConfig  # pylint: disable=import-outside-toplevel
   from train import steps as steps_lib  # pylint: disable=import-outside-toplevel
 
@@ -144,9 +144,23 @@ def run_one(preset: str, max_len: int, tokens_per_step: int, steps: int,
       rows, max_len, model_config.vocab_size).items()}
   state = jax.jit(lambda r: steps_lib.create_train_state(
       parts["model"], parts["tx"], r, batch))(jax.random.key(0))
-  rng = jax.random.key(1)
+  return model_config, rows, parts["train_step"], state, batch, jax.random.key(1)
 
-  step = jax.jit(parts["train_step"], donate_argnums=(0,))
+
+def run_one(preset: str, max_len: int, tokens_per_step: int, steps: int,
+            dtype: str, prng: str, peak_gflops: float,
+            model_overrides: dict | None = None) -> dict:
+  """Compile and time train_step for one (preset, max_len) in this process."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if prng != "default":
+    jax.config.update("jax_default_prng_impl", prng)
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  from benchmarks.common import machine  # pylint: disable=import-outside-toplevel
+
+  model_config, rows, train_step, state, batch, rng = build(
+      preset, max_len, tokens_per_step, dtype, model_overrides)
+  step = jax.jit(train_step, donate_argnums=(0,))
   start = time.perf_counter()
   compiled = step.lower(state, batch, rng).compile()
   compile_s = time.perf_counter() - start

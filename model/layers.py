@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from model.config import TransformerConfig
 
@@ -194,9 +195,13 @@ _XAVIER = nn.initializers.xavier_uniform()
 _ZEROS = nn.initializers.zeros_init()
 
 
-def attention(config: TransformerConfig, name: str, decode: bool = False
+def attention(config: TransformerConfig, name: str
               ) -> nn.MultiHeadDotProductAttention:
-  """Multi-head attention of section 3.2.2, projections with biases."""
+  """Multi-head attention of section 3.2.2, projections with biases.
+
+  Training and teacher forcing; one-token decoding uses the cached modules
+  below, which have the same parameters.
+  """
   low_precision = {}
   if config.compute_dtype != jnp.float32:
     low_precision = dict(qkv_dot_general=dot_general(config),
@@ -211,60 +216,136 @@ def attention(config: TransformerConfig, name: str, decode: bool = False
       bias_init=_partitioned(_ZEROS, ("heads", "kv")),
       out_kernel_init=_partitioned(_XAVIER, ("heads", "kv", "embed")),
       out_bias_init=_partitioned(_ZEROS, ("embed",)),
-      decode=decode,
       name=name,
       **low_precision)
 
 
-class CachedCrossAttention(nn.Module):
-  """Encoder-decoder attention for one-token-at-a-time decoding.
+# --- one-token decoding -------------------------------------------------------
+#
+# Flax's MultiHeadDotProductAttention (decode=True) is not used for decoding:
+# it re-projects the encoder output into cross-attention keys and values at
+# every generated token (about three quarters of a `small` decoder step's
+# FLOPs), and its cache layout [batch, length, heads, head_dim] is not the one
+# the attention matmuls read, so XLA on CPU copied (transposed) every layer's
+# whole cache at every step. The modules below have the same parameters
+# (query, key, value, out: names, shapes, dtypes) as ``attention(...)``, so one
+# checkpoint serves training and decoding, and keep their keys and values
+# heads-major, [batch, heads, length, head_dim], written in place.
 
-  Same parameters as ``attention(config, name)`` (query, key, value and out,
-  same names, shapes and dtypes), so one checkpoint serves both. Written here
-  because Flax's MultiHeadDotProductAttention projects its key and value
-  inputs on every call: in cached decoding that re-projects the whole encoder
-  output at every generated token, about three quarters of a ``small``
-  decoder step's FLOPs. ``prime=True`` projects ``encoded`` once into the
-  "cache" collection (``cross_key``, ``cross_value``: [batch, src_len, heads,
-  head_dim]); every later call reads them and projects only its query.
-  Inference only: no attention dropout.
+
+def _projection(config: TransformerConfig, name: str, out: bool = False):
+  """A DenseGeneral exactly as MultiHeadDotProductAttention builds it."""
+  if out:
+    features, axis, names = config.d_model, (-2, -1), ("heads", "kv", "embed")
+  else:
+    features, axis, names = ((config.num_heads, config.head_dim), -1,
+                             ("embed", "heads", "kv"))
+  return nn.DenseGeneral(
+      features=features, axis=axis, dtype=config.compute_dtype,
+      param_dtype=jnp.float32, kernel_init=_partitioned(_XAVIER, names),
+      bias_init=_partitioned(_ZEROS, names[1:] if not out else ("embed",)),
+      dot_general=dot_general(config), name=name)
+
+
+def _heads_major(x):
+  """[batch, length, heads, head_dim] -> [batch, heads, length, head_dim]."""
+  return jnp.swapaxes(x, 1, 2)
+
+
+def _attend_heads_major(config: TransformerConfig, query, key, value, mask):
+  """Scaled dot-product attention on a heads-major cache.
+
+  query: [batch, q_len, heads, head_dim]; key, value: [batch, heads, k_len,
+  head_dim]; mask: bool, broadcastable to [batch, heads, q_len, k_len] ->
+  [batch, q_len, heads, head_dim]. Scores and softmax in float32; the matmuls
+  take compute-dtype inputs and accumulate in float32 (as
+  ``nn.dot_product_attention`` / ``low_precision_attention`` do).
+  """
+  dtype = config.compute_dtype
+  query = query / jnp.sqrt(query.shape[-1]).astype(query.dtype)
+  scores = jnp.einsum("bqhd,bhkd->bhqk", query.astype(dtype), key.astype(dtype),
+                      preferred_element_type=jnp.float32)
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(scores)
+  return jnp.einsum("bhqk,bhkd->bqhd", weights.astype(dtype),
+                    value.astype(dtype),
+                    preferred_element_type=jnp.float32).astype(dtype)
+
+
+class CachedSelfAttention(nn.Module):
+  """Masked decoder self-attention, one token per call, keys/values cached.
+
+  Cache: ``cached_key``, ``cached_value`` [batch, heads, max_decode_len,
+  head_dim] and ``cache_index`` (the position being written). The first call
+  (``init``, cache absent) takes the whole [batch, max_decode_len, d_model]
+  target to size the cache and runs causal attention over it; later calls
+  take y [batch, 1, d_model].
+  """
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, y):
+    cfg = self.config
+    initialized = self.has_variable("cache", "cached_key")
+    shape = (y.shape[0], cfg.num_heads, y.shape[1], cfg.head_dim)
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, shape,
+                               cfg.compute_dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, shape,
+                                 cfg.compute_dtype)
+    index = self.variable("cache", "cache_index",
+                          lambda: jnp.zeros((), jnp.int32))
+    query = _projection(cfg, "query")(y)
+    key = _heads_major(_projection(cfg, "key")(y))
+    value = _heads_major(_projection(cfg, "value")(y))
+    if not initialized:
+      mask = nn.make_causal_mask(jnp.ones(y.shape[:2], bool))
+    else:
+      if y.shape[1] != 1:
+        raise ValueError(f"cached decoding feeds one token per call, got "
+                         f"{y.shape[1]}")
+      at = index.value
+      zero = jnp.zeros((), jnp.int32)
+      key = lax.dynamic_update_slice(cached_key.value, key,
+                                     (zero, zero, at, zero))
+      value = lax.dynamic_update_slice(cached_value.value, value,
+                                       (zero, zero, at, zero))
+      cached_key.value, cached_value.value = key, value
+      index.value = at + 1
+      mask = (jnp.arange(key.shape[2]) <= at)[None, None, None, :]
+    x = _attend_heads_major(cfg, query, key, value, mask)
+    return _projection(cfg, "out", out=True)(x)
+
+
+class CachedCrossAttention(nn.Module):
+  """Encoder-decoder attention, one token per call, keys/values projected once.
+
+  ``prime=True`` projects ``encoded`` [batch, src_len, d_model] into the
+  cache (``cross_key``, ``cross_value``: [batch, heads, src_len, head_dim]);
+  every later call reads them and projects only its query. Inference only:
+  no attention dropout.
   """
 
   config: TransformerConfig
 
   @nn.compact
   def __call__(self, y, encoded, mask=None, prime: bool = False):
-    """y: [batch, 1, d_model] (None when priming); encoded: [batch, src_len,
-    d_model]; mask: [batch, 1, 1, src_len] -> [batch, 1, d_model]."""
+    """y: [batch, 1, d_model] (None when priming); mask: [batch, 1, 1,
+    src_len] -> [batch, 1, d_model]."""
     cfg = self.config
-    dense = functools.partial(
-        nn.DenseGeneral, axis=-1, features=(cfg.num_heads, cfg.head_dim),
-        dtype=cfg.compute_dtype, param_dtype=jnp.float32,
-        kernel_init=_partitioned(_XAVIER, ("embed", "heads", "kv")),
-        bias_init=_partitioned(_ZEROS, ("heads", "kv")),
-        dot_general=dot_general(cfg))
-    shape = (*encoded.shape[:-1], cfg.num_heads, cfg.head_dim)
+    shape = (encoded.shape[0], cfg.num_heads, encoded.shape[1], cfg.head_dim)
     cached_key = self.variable("cache", "cross_key", jnp.zeros, shape,
                                cfg.compute_dtype)
     cached_value = self.variable("cache", "cross_value", jnp.zeros, shape,
                                  cfg.compute_dtype)
     if prime:
-      cached_key.value = dense(name="key")(encoded)
-      cached_value.value = dense(name="value")(encoded)
+      cached_key.value = _heads_major(_projection(cfg, "key")(encoded))
+      cached_value.value = _heads_major(_projection(cfg, "value")(encoded))
       return None
-    query = dense(name="query")(y)
-    if cfg.compute_dtype == jnp.float32:
-      x = nn.dot_product_attention(query, cached_key.value, cached_value.value,
-                                   mask=mask)
-    else:
-      x = low_precision_attention(query, cached_key.value, cached_value.value,
-                                  mask=mask, dtype=cfg.compute_dtype)
-    return nn.DenseGeneral(
-        features=cfg.d_model, axis=(-2, -1), dtype=cfg.compute_dtype,
-        param_dtype=jnp.float32,
-        kernel_init=_partitioned(_XAVIER, ("heads", "kv", "embed")),
-        bias_init=_partitioned(_ZEROS, ("embed",)),
-        dot_general=dot_general(cfg), name="out")(x)
+    query = _projection(cfg, "query")(y)
+    x = _attend_heads_major(cfg, query, cached_key.value, cached_value.value,
+                            True if mask is None else mask)
+    return _projection(cfg, "out", out=True)(x)
 
 
 class FeedForward(nn.Module):

@@ -105,12 +105,13 @@ class DecoderLayer(nn.Module):
       attend_encoded = lambda h: cross_attention(
           h, encoded, mask=cross_mask, deterministic=deterministic,
           sow_weights=True)
-    self_attention = layers.attention(cfg, "self_attention", decode=self.decode)
-    y = layers.residual(
-        cfg, "self_attention", y,
-        lambda h: self_attention(h, h, mask=self_mask,
-                                 deterministic=deterministic, sow_weights=True),
-        deterministic)
+    if self.decode:  # the cache applies causality itself
+      attend_prefix = layers.CachedSelfAttention(cfg, name="self_attention")
+    else:
+      self_attention = layers.attention(cfg, "self_attention")
+      attend_prefix = lambda h: self_attention(
+          h, h, mask=self_mask, deterministic=deterministic, sow_weights=True)
+    y = layers.residual(cfg, "self_attention", y, attend_prefix, deterministic)
     y = layers.residual(cfg, "cross_attention", y, attend_encoded,
                         deterministic)
     y = layers.residual(cfg, "ffn", y, layers.FeedForward(cfg, name="ffn"),

@@ -1,0 +1,203 @@
+"""Where the time goes: a jax.profiler trace of a training step and a decoding
+batch, summed by HLO op and by part of the model.
+
+    python -m benchmarks.profile [--preset small] [--max_len 128]
+        [--steps 5] [--workdir runs/bible_es_en] [--decode_rows 64]
+        [--trace_dir /tmp/profile]
+
+Traces ``--steps`` training steps of ``benchmarks.train.build`` (synthetic
+packed batches, 2048 positions a step) and, with ``--workdir``, greedy and
+beam-4 decoding of the first ``--decode_rows`` test verses with the trained
+params (without it: random params and synthetic sources). The XLA CPU runtime
+records one trace event per executed HLO op (thunk); each event's op is looked
+up in the compiled HLO, whose metadata names the JAX operation and the Flax
+module path it came from (``decoder/layers_0/ffn/wi/dot_general``). Time is
+summed per op and per part (attention projections, attention scores and
+softmax, feed-forward, output layer and embedding, layer norm, dropout and
+random bits, loss, optimiser, ...). The raw trace stays in --trace_dir for
+TensorBoard or Perfetto.
+
+Prints JSON lines (one per part and per top op) and tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import os
+import pathlib
+import re
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks.common import emit, table  # noqa: E402
+
+# (part, pattern on the op's metadata "op_name" path and opcode), first match.
+PARTS = (
+    ("optimiser (Adam, schedule, clipping)", r"optax|adam|scale_by|apply_updates|global_norm|clip_by"),
+    ("dropout and random bits", r"[Dd]ropout|random_bits|threefry|bernoulli"),
+    ("KV cache write", r"attention/dynamic_update_slice"),
+    ("search (top-k, gather, cache reorder)", r"top_k|sort|_gather_beams|_reorder_cache|argmax|gather"),
+    ("loss (log-softmax, smoothing)", r"logsumexp|loss|label_smooth|log_softmax|cross_entropy"),
+    ("output layer / embedding", r"attend|_embedding|output_projection|Embed"),
+    ("attention projections (q, k, v, out)", r"attention[^/]*/(query|key|value|out)/"),
+    ("attention scores, softmax, mask", r"attention|dot_product|softmax|einsum"),
+    ("feed-forward (wi, wo, relu)", r"ffn/"),
+    ("layer norm", r"_norm|LayerNorm|layer_norm"),
+)
+OTHER = "other (copies, reshapes, loops)"
+
+
+def hlo_op_index(hlo_text: str) -> dict[str, tuple[str, str]]:
+  """HLO instruction name -> (opcode, metadata op_name) of a compiled module."""
+  index = {}
+  pattern = re.compile(
+      r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\S+(?:\{[^}]*\})?\s+([\w\-]+)\(")
+  for line in hlo_text.splitlines():
+    m = pattern.match(line)
+    if not m:
+      continue
+    op_name = re.search(r'op_name="([^"]*)"', line)
+    index[m.group(1)] = (m.group(2), op_name.group(1) if op_name else "")
+  return index
+
+
+def part_of(opcode: str, op_name: str) -> str:
+  text = f"{op_name} {opcode}"
+  for part, pattern in PARTS:
+    if re.search(pattern, text):
+      return part
+  return OTHER
+
+
+def trace_events(trace_dir: str) -> list[dict]:
+  """Complete ('X') events of the newest trace under trace_dir."""
+  files = sorted(pathlib.Path(trace_dir).rglob("*.trace.json.gz"),
+                 key=lambda p: p.stat().st_mtime)
+  if not files:
+    raise FileNotFoundError(f"no *.trace.json.gz under {trace_dir}")
+  with gzip.open(files[-1]) as f:
+    data = json.load(f)
+  events = data["traceEvents"] if isinstance(data, dict) else data
+  return [e for e in events if e.get("ph") == "X"]
+
+
+def profile(name: str, fn, args, trace_dir: str, repeats: int) -> dict:
+  """Runs fn(*args) `repeats` times under the profiler; time per part and op."""
+  compiled = fn.lower(*args).compile()
+  index = hlo_op_index(compiled.as_text())
+  out = compiled(*args)  # warm
+  jax.block_until_ready(out)
+  out_dir = tempfile.mkdtemp(dir=trace_dir, prefix=f"{name}_")
+  with jax.profiler.trace(out_dir):
+    start = time.perf_counter()
+    for _ in range(repeats):
+      jax.block_until_ready(compiled(*args))
+    total_wall = (time.perf_counter() - start) * 1e6
+  by_op, by_part = collections.Counter(), collections.Counter()
+  for e in trace_events(out_dir):
+    op = e.get("args", {}).get("hlo_op")
+    if not op or op not in index or e["name"].startswith("end:"):
+      continue
+    opcode, op_name = index[op]
+    if opcode in ("while", "conditional", "call"):
+      continue  # containers: their bodies' ops are events of their own
+    by_op[(op, opcode, op_name)] += e["dur"]
+    by_part[part_of(opcode, op_name)] += e["dur"]
+  busy = sum(by_part.values())
+  return {"name": name, "repeats": repeats, "trace_dir": out_dir,
+          "wall_ms": total_wall / 1e3 / repeats, "ops_ms": busy / 1e3 / repeats,
+          "by_part": by_part, "by_op": by_op}
+
+
+def report(result: dict, top: int) -> None:
+  busy = sum(result["by_part"].values()) or 1.0
+  rows = []
+  for part, us in result["by_part"].most_common():
+    rows.append(emit({"benchmark": "profile", "workload": result["name"],
+                      "part": part, "ms": round(us / 1e3 / result["repeats"], 2),
+                      "share": round(us / busy, 3)}))
+  print(f"\n{result['name']}: {result['wall_ms']:.1f} ms wall per call, "
+        f"{result['ops_ms']:.1f} ms in traced ops (trace: {result['trace_dir']})")
+  print(table(rows, ["part", "ms", "share"]))
+  op_rows = []
+  for (op, opcode, op_name), us in result["by_op"].most_common(top):
+    op_rows.append(emit({
+        "benchmark": "profile", "workload": result["name"], "op": op,
+        "opcode": opcode, "source": op_name[-70:],
+        "ms": round(us / 1e3 / result["repeats"], 2),
+        "share": round(us / busy, 3)}))
+  print(table(op_rows, ["op", "opcode", "ms", "share", "source"]))
+
+
+def decode_inputs(args):
+  """(model_config, params, src int32 [rows, len]) for the decoding profile."""
+  from train import evaluate, input_pipeline  # pylint: disable=import-outside-toplevel
+  if args.workdir:
+    loaded = evaluate.load_params(args.workdir)
+    data = loaded.experiment_config.data
+    ev = input_pipeline.make_eval_data(data, loaded.tokenizer, 1, split="test",
+                                       process_index=0, process_count=1)
+    ids = [evaluate.truncate(x, data.max_len) for x in
+           loaded.tokenizer.encode_batch(ev.sources[:args.decode_rows])]
+    config, params = loaded.model_config, loaded.params
+  else:
+    from model import TransformerConfig, init_params  # pylint: disable=import-outside-toplevel
+    config = TransformerConfig.preset(args.preset)
+    params = init_params(config, jax.random.key(0))
+    rng = np.random.RandomState(0)
+    ids = [np.append(rng.randint(3, config.vocab_size, n - 1), 1).astype(np.int32)
+           for n in np.clip(rng.normal(33, 14, args.decode_rows), 4, 100).astype(int)]
+  [(_, src)] = evaluate.make_batches(ids, args.decode_rows, config.max_len)[:1]
+  return config, params, src
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--preset", default="small")
+  parser.add_argument("--max_len", type=int, default=128)
+  parser.add_argument("--tokens_per_step", type=int, default=2048)
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--workdir", default="")
+  parser.add_argument("--decode_rows", type=int, default=64)
+  parser.add_argument("--top", type=int, default=12)
+  parser.add_argument("--trace_dir", default="")
+  parser.add_argument("--skip", default="", help="train,greedy,beam")
+  args = parser.parse_args()
+  skip = set(filter(None, args.skip.split(",")))
+  trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="profile_")
+  os.makedirs(trace_dir, exist_ok=True)
+
+  if "train" not in skip:
+    from benchmarks import train  # pylint: disable=import-outside-toplevel
+    _, _, train_step, state, batch, rng = train.build(
+        args.preset, args.max_len, args.tokens_per_step, "float32")
+    # Not donated here: the same state is fed again at every repeat.
+    step = jax.jit(train_step)
+    report(profile(f"train_step_{args.preset}_{args.max_len}", step,
+                   (state, batch, rng), trace_dir, args.steps), args.top)
+
+  if not {"greedy", "beam"} <= skip:
+    from model import decoding  # pylint: disable=import-outside-toplevel
+    config, params, src = decode_inputs(args)
+    if "greedy" not in skip:
+      greedy = jax.jit(lambda p, s: decoding.greedy_search(config, p, s))
+      report(profile(f"greedy_{src.shape[0]}x{src.shape[1]}", greedy,
+                     (params, src), trace_dir, 2), args.top)
+    if "beam" not in skip:
+      beam = jax.jit(lambda p, s: decoding.beam_search(
+          config, p, s, beam_size=4, alpha=0.6).sequences)
+      report(profile(f"beam4_{src.shape[0]}x{src.shape[1]}", beam,
+                     (params, src), trace_dir, 1), args.top)
+
+
+if __name__ == "__main__":
+  main()

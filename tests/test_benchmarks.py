@@ -1,0 +1,43 @@
+"""The profile benchmark's bookkeeping: trace events mapped to model parts."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from benchmarks import profile
+
+
+class _Block(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    ffn = nn.Sequential([nn.Dense(512, name="wi"), nn.relu,
+                         nn.Dense(128, name="wo")], name="ffn")
+    return nn.LayerNorm(name="ffn_norm")(x + ffn(x))
+
+
+def test_hlo_index_names_flax_module_paths():
+  model = _Block()
+  x = jnp.ones((64, 128))
+  params = model.init(jax.random.key(0), x)
+  compiled = jax.jit(model.apply).lower(params, x).compile()
+  index = profile.hlo_op_index(compiled.as_text())
+  paths = [op_name for _, op_name in index.values()]
+  assert any("ffn/wi/dot_general" in p for p in paths)
+  assert profile.part_of("fusion", "jit(apply)/ffn/wi/dot_general") == (
+      "feed-forward (wi, wo, relu)")
+  assert profile.part_of(
+      "fusion", "jit(x)/decoder/layers_0/self_attention/query/dot_general"
+  ) == "attention projections (q, k, v, out)"
+  assert profile.part_of("copy", "") == profile.OTHER
+
+
+def test_profile_puts_the_matmuls_time_in_the_feed_forward(tmp_path):
+  model = _Block()
+  x = jnp.ones((256, 128))
+  params = model.init(jax.random.key(0), x)
+  result = profile.profile("block", jax.jit(model.apply), (params, x),
+                           str(tmp_path), repeats=3)
+  parts = result["by_part"]
+  assert parts["feed-forward (wi, wo, relu)"] > 0
+  assert max(parts, key=parts.get) == "feed-forward (wi, wo, relu)"
+  assert 0 < result["ops_ms"] <= result["wall_ms"]
