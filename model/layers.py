@@ -247,9 +247,10 @@ def _projection(config: TransformerConfig, name: str, out: bool = False):
       dot_general=dot_general(config), name=name)
 
 
-def _heads_major(x):
-  """[batch, length, heads, head_dim] -> [batch, heads, length, head_dim]."""
-  return jnp.swapaxes(x, 1, 2)
+def _heads_major(config: TransformerConfig, x):
+  """[batch, length, heads, head_dim] -> [batch, heads, length, head_dim],
+  in the compute dtype (what the attention matmuls read)."""
+  return jnp.swapaxes(x, 1, 2).astype(config.compute_dtype)
 
 
 def _attend_heads_major(config: TransformerConfig, query, key, value, mask):
@@ -296,8 +297,8 @@ class CachedSelfAttention(nn.Module):
     index = self.variable("cache", "cache_index",
                           lambda: jnp.zeros((), jnp.int32))
     query = _projection(cfg, "query")(y)
-    key = _heads_major(_projection(cfg, "key")(y))
-    value = _heads_major(_projection(cfg, "value")(y))
+    key = _heads_major(cfg, _projection(cfg, "key")(y))
+    value = _heads_major(cfg, _projection(cfg, "value")(y))
     if not initialized:
       mask = nn.make_causal_mask(jnp.ones(y.shape[:2], bool))
     else:
@@ -339,8 +340,8 @@ class CachedCrossAttention(nn.Module):
     cached_value = self.variable("cache", "cross_value", jnp.zeros, shape,
                                  cfg.compute_dtype)
     if prime:
-      cached_key.value = _heads_major(_projection(cfg, "key")(encoded))
-      cached_value.value = _heads_major(_projection(cfg, "value")(encoded))
+      cached_key.value = _heads_major(cfg, _projection(cfg, "key")(encoded))
+      cached_value.value = _heads_major(cfg, _projection(cfg, "value")(encoded))
       return None
     query = _projection(cfg, "query")(y)
     x = _attend_heads_major(cfg, query, cached_key.value, cached_value.value,

@@ -101,3 +101,26 @@ def test_paired_bits_dropout_is_a_config_switch():
                                  deterministic=False,
                                  rngs={"dropout": jax.random.key(1)})
   assert np.all(np.isfinite(noisy))
+
+
+def test_bf16_cached_decoding_follows_bf16_teacher_forcing():
+  """The cached modules' bf16 path (heads-major caches) against the Flax
+  attention's bf16 path over the whole target."""
+  params = init_params(TINY, jax.random.key(0))
+  src, tgt = _tokens(2, (2, 9)), _tokens(3, (2, 6))
+  teacher = Transformer(TINY_BF16).apply({"params": params}, src, tgt)
+  encoded = Transformer(TINY_BF16).apply({"params": params}, src,
+                                         method=Transformer.encode)
+  cache = init_cache(TINY_BF16, params, encoded, max_decode_len=6)
+  model = Transformer(TINY_BF16, use_cache=True)
+  token, steps = jnp.zeros((2, 1), jnp.int32), []
+  for t in range(6):
+    logits, variables = model.apply(
+        {"params": params, "cache": cache}, encoded, src, token,
+        method=Transformer.decode, mutable=["cache"])
+    cache = variables["cache"]
+    steps.append(logits[:, 0])
+    token = tgt[:, t:t + 1]
+  cached = jnp.stack(steps, 1)
+  assert cached.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(cached), np.asarray(teacher), atol=0.05)
