@@ -1,7 +1,7 @@
 """Input-pipeline benchmark: split sizes, tokenizer training time, pack
 efficiency and steady-state target tokens/s, on one core.
 
-    python benchmarks/pipeline.py [--data_dir=/tmp/tfds] [--workdir=/tmp/bench]
+    python -m benchmarks.pipeline [--data_dir=/tmp/tfds] [--workdir=/tmp/bench]
         [--batch_size=64] [--warmup_batches=20] [--batches=100]
 
 Prints one JSON object per line, then a short table. The process is pinned
@@ -14,10 +14,15 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 
 import numpy as np
+
+# The repository root first: run as a script, this file's folder would come
+# first and `import train` would find benchmarks/train.py.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main():

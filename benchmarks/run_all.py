@@ -113,7 +113,7 @@ def main():
                     args.timeout))
   if "pipeline" not in skip and (ROOT / "benchmarks" / "pipeline.py").exists():
     results["benchmarks"].append(
-        _subprocess("pipeline", ["benchmarks/pipeline.py"], args.timeout))
+        _subprocess("pipeline", ["-m", "benchmarks.pipeline"], args.timeout))
   results["load_avg_end"] = _load()
 
   out = pathlib.Path(args.out) if args.out else (

@@ -173,12 +173,12 @@ def run_one(preset: str, max_len: int, tokens_per_step: int, steps: int,
   dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
   dot(a, a).block_until_ready()
   state, metrics = compiled(state, batch, rng)   # warm-up
-  jax.block_until_ready(metrics)
+  jax.block_until_ready((state, metrics))
   times, peaks = [], []
   for _ in range(steps):
     start = time.perf_counter()
     state, metrics = compiled(state, batch, rng)
-    jax.block_until_ready(metrics)
+    jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - start)
     start = time.perf_counter()
     dot(a, a).block_until_ready()
