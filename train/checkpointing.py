@@ -214,6 +214,18 @@ def _handlers():
           CONFIG: ocp.JsonCheckpointHandler()}
 
 
+class _DropReadOnlyNotices:
+  """A logging filter: Orbax warns at every read-only manager it opens (what
+  evaluation and translation do on purpose), several lines each time."""
+
+  def filter(self, record) -> bool:
+    message = record.getMessage()
+    return not ("read only" in message or "read_only=True" in message)
+
+
+logging.get_absl_logger().addFilter(_DropReadOnlyNotices())
+
+
 class Checkpointer:
   """The run's CheckpointManager with its policies (see module docstring)."""
 

@@ -361,6 +361,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                                          dropout_rng)
       step += 1
       pending.append((step, metrics))
+      if len(pending) >= 2:
+        # At most two steps in flight: JAX would otherwise dispatch up to a
+        # whole log interval ahead, and a SIGTERM (preemption) would wait for
+        # all of them before the save.
+        jax.block_until_ready(pending[-2][1])
       out_of_time = time.time() - start_time >= budget
       want_stop = stop.requested or out_of_time
       if jax.process_count() > 1:  # every process must stop at the same step
