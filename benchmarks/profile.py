@@ -44,14 +44,14 @@ from benchmarks.common import emit, table  # noqa: E402
 PARTS = (
     ("optimiser (Adam, schedule, clipping)", r"optax|adam|scale_by|apply_updates|global_norm|clip_by"),
     ("dropout and random bits", r"[Dd]ropout|random_bits|threefry|bernoulli"),
+    ("layer norm", r"_norm/|final_norm|LayerNorm|layer_norm"),
     ("KV cache write", r"attention/dynamic_update_slice"),
-    ("search (top-k, gather, cache reorder)", r"top_k|sort|_gather_beams|_reorder_cache|argmax|gather"),
-    ("loss (log-softmax, smoothing)", r"logsumexp|loss|label_smooth|log_softmax|cross_entropy"),
     ("output layer / embedding", r"attend|_embedding|output_projection|Embed"),
-    ("attention projections (q, k, v, out)", r"attention[^/]*/(query|key|value|out)/"),
-    ("attention scores, softmax, mask", r"attention|dot_product|softmax|einsum"),
+    ("search (top-k, gather, cache reorder)", r"top_k|sort|_gather_beams|_reorder_cache|argmax|beam_search\)?/while/body/gather"),
+    ("loss (log-softmax, smoothing)", r"logsumexp|loss|label_smooth|log_softmax|cross_entropy"),
+    ("attention projections (q, k, v, out)", r"attention/(query|key|value|out)/"),
+    ("attention scores, softmax, mask", r"attention/|dot_product|softmax"),
     ("feed-forward (wi, wo, relu)", r"ffn/"),
-    ("layer norm", r"_norm|LayerNorm|layer_norm"),
 )
 OTHER = "other (copies, reshapes, loops)"
 
@@ -59,8 +59,10 @@ OTHER = "other (copies, reshapes, loops)"
 def hlo_op_index(hlo_text: str) -> dict[str, tuple[str, str]]:
   """HLO instruction name -> (opcode, metadata op_name) of a compiled module."""
   index = {}
+  # "%name = <shape, possibly a tuple with spaces> opcode(operands), ...":
+  # the opcode is the first word after the '=' that an '(' follows.
   pattern = re.compile(
-      r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\S+(?:\{[^}]*\})?\s+([\w\-]+)\(")
+      r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s.*?\s([a-z][\w\-]*)\(")
   for line in hlo_text.splitlines():
     m = pattern.match(line)
     if not m:
@@ -119,6 +121,10 @@ def profile(name: str, fn, args, trace_dir: str, repeats: int) -> dict:
 
 
 def report(result: dict, top: int) -> None:
+  if not result["by_part"]:
+    print(f"\n{result['name']}: the trace holds no per-op events of this "
+          f"program (trace: {result['trace_dir']})")
+    return
   busy = sum(result["by_part"].values()) or 1.0
   rows = []
   for part, us in result["by_part"].most_common():

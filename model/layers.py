@@ -227,10 +227,11 @@ def attention(config: TransformerConfig, name: str
 # every generated token (about three quarters of a `small` decoder step's
 # FLOPs), and its cache layout [batch, length, heads, head_dim] is not the one
 # the attention matmuls read, so XLA on CPU copied (transposed) every layer's
-# whole cache at every step. The modules below have the same parameters
+# whole cache at every step. The modules below read the same parameters
 # (query, key, value, out: names, shapes, dtypes) as ``attention(...)``, so one
-# checkpoint serves training and decoding, and keep their keys and values
-# heads-major, [batch, heads, length, head_dim], written in place.
+# checkpoint serves training and decoding (params come from the training
+# model: CachedCrossAttention's init never builds key/value), and keep their
+# keys and values heads-major, [batch, heads, length, head_dim], in place.
 
 
 def _projection(config: TransformerConfig, name: str, out: bool = False):

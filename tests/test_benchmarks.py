@@ -28,6 +28,12 @@ def test_hlo_index_names_flax_module_paths():
   assert profile.part_of(
       "fusion", "jit(x)/decoder/layers_0/self_attention/query/dot_general"
   ) == "attention projections (q, k, v, out)"
+  assert profile.part_of(
+      "fusion", "jit(x)/decoder/layers_1/self_attention_norm/reduce_sum"
+  ) == "layer norm"
+  assert profile.part_of(
+      "fusion", "jit(x)/jit(beam_search)/while/body/gather"
+  ) == "search (top-k, gather, cache reorder)"
   assert profile.part_of("copy", "") == profile.OTHER
 
 

@@ -16,6 +16,7 @@ Library functions (also used by train.translate and the trainer):
   make_batches(sources, batch_size, max_len)  length-bucketed batches
   decode_batch(model_config, params, src, options, batch_index) -> tokens
   decode_ids(model_config, params, sources, options) -> list[list[int]]
+  encode_sources(tok, texts, max_src_tokens, on_truncate) -> (kept, ids)
   translate_texts(model_config, params, tok, texts, options)
                                     -> (translations, source ids, output ids)
   score(hypotheses, references) -> dict   (bleu, chrf and their signatures)
@@ -180,7 +181,7 @@ def translate_texts(model_config: TransformerConfig, params,
                     tok: tokenizer_lib.Tokenizer, texts: Sequence[str],
                     options: DecodeOptions, max_src_tokens: int | None = None,
                     on_truncate: Callable[[int, int], None] | None = None
-                    ) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+                    ) -> tuple[list[str], list[np.ndarray], list[list[int]]]:
   """Sentences -> (translations, source ids, output ids).
 
   translations: one per text, same order; an empty text gives "". The id
@@ -394,8 +395,8 @@ def run(workdir, *, split="test", input_file=None, reference_file=None,
     what = split
   max_src_tokens = loaded.experiment_config.get("data", {}).get("max_len")
   hypotheses, _, _ = translate_texts(loaded.model_config, loaded.params,
-                               loaded.tokenizer, sources, options,
-                               max_src_tokens=max_src_tokens)
+                                     loaded.tokenizer, sources, options,
+                                     max_src_tokens=max_src_tokens)
   out_dir = epath.Path(output_dir or epath.Path(workdir) / "eval")
   out_dir.mkdir(parents=True, exist_ok=True)
   stem = f"{what}.{checkpoint_tag(loaded.steps)}.{options.tag()}"

@@ -11,9 +11,9 @@ The rules are the measured ones of the project's CORPUS.md:
   Rev 22 = 1188): index % 30 == 0 -> validation, == 15 -> test, else train.
   Counting every chapter, not just kept ones, keeps the split stable when the
   filter changes, and whole chapters never straddle splits;
-- truecase the upper-cased opening of each Spanish chapter ("Y FUERON
-  acabados" -> "Y fueron acabados", "EMPERO la" -> "Empero la") from word
-  counts of the Spanish training verses.
+- truecase upper-cased words opening a Spanish verse, in practice the first
+  verse of each chapter ("Y FUERON acabados" -> "Y fueron acabados", "EMPERO
+  la" -> "Empero la"), from word counts of the Spanish training verses.
 """
 
 from __future__ import annotations
@@ -103,7 +103,10 @@ def truecase_opening(text: str, counts: dict[str, collections.Counter]) -> str:
 
   The leading words (up to the first one not all capitals) take their most
   frequent spelling in ``counts``; the first keeps a capital initial. A word
-  the counts never saw is lower-cased (capitalised if first).
+  the counts never saw is lower-cased (capitalised if first). Known limits:
+  the counts include verse-initial spellings, so a word that mostly opens
+  verses keeps its capital after a leading "Y" (5 of 1,189 chapter openings,
+  e.g. "Y Tornéme"), and a one-letter word inside the run ends it.
   """
   words = list(_WORD.finditer(text))
   # A one-letter first word ("Y", "A") belongs to the run only when an
