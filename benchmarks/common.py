@@ -43,6 +43,7 @@ def emit(record: dict[str, Any]) -> dict[str, Any]:
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
   cells = [[str(r.get(c, "")) for c in columns] for r in rows]
-  widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+  widths = [max([len(c)] + [len(row[i]) for row in cells])
+            for i, c in enumerate(columns)]
   line = lambda values: "  ".join(v.rjust(w) for v, w in zip(values, widths))
   return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
