@@ -37,8 +37,12 @@ from train import evaluate  # noqa: E402
 GOALS = {"greedy": 500.0, "beam4": 150.0, "cache_speedup": 5.0}
 
 
-def _test_sources(args, notes):
-  """(token id arrays, model config, params)."""
+def test_sources(args, notes):
+  """(token id arrays, model config, params) of the test split.
+
+  args: workdir, checkpoint, tokenizer, data_dir (see this module's flags);
+  notes: a list that receives what was used (trained or random params, ...).
+  """
   if args.workdir:
     loaded = evaluate.load_params(args.workdir, args.checkpoint)
     from train import input_pipeline  # pylint: disable=import-outside-toplevel
@@ -107,7 +111,7 @@ def main():
   args = parser.parse_args()
 
   notes: list[str] = []
-  ids, config, params = _test_sources(args, notes)
+  ids, config, params = test_sources(args, notes)
   ids = ids[:args.num_verses]
   batches = evaluate.make_batches(ids, args.batch_size, config.max_len)
   common = dict(machine(), batch_size=args.batch_size,

@@ -7,8 +7,9 @@ batch, summed by HLO op and by part of the model.
 
 Traces ``--steps`` training steps of ``benchmarks.train.build`` (synthetic
 packed batches, 2048 positions a step) and, with ``--workdir``, greedy and
-beam-4 decoding of the first ``--decode_rows`` test verses with the trained
-params (without it: random params and synthetic sources). The XLA CPU runtime
+beam-4 decoding of the ``--decode_rows`` longest test verses with the trained
+params (without it: random `small` params and synthetic sources, as
+``benchmarks.decode`` does). The XLA CPU runtime
 records one trace event per executed HLO op (thunk); each event's op is looked
 up in the compiled HLO, whose metadata names the JAX operation and the Flax
 module path it came from (``decoder/layers_0/ffn/wi/dot_general``). Time is
@@ -36,7 +37,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 from benchmarks.common import emit, table  # noqa: E402
 
@@ -145,23 +145,17 @@ def report(result: dict, top: int) -> None:
 
 
 def decode_inputs(args):
-  """(model_config, params, src int32 [rows, len]) for the decoding profile."""
-  from train import evaluate, input_pipeline  # pylint: disable=import-outside-toplevel
-  if args.workdir:
-    loaded = evaluate.load_params(args.workdir)
-    data = loaded.experiment_config.data
-    ev = input_pipeline.make_eval_data(data, loaded.tokenizer, 1, split="test",
-                                       process_index=0, process_count=1)
-    ids = [evaluate.truncate(x, data.max_len) for x in
-           loaded.tokenizer.encode_batch(ev.sources[:args.decode_rows])]
-    config, params = loaded.model_config, loaded.params
-  else:
-    from model import TransformerConfig, init_params  # pylint: disable=import-outside-toplevel
-    config = TransformerConfig.preset(args.preset)
-    params = init_params(config, jax.random.key(0))
-    rng = np.random.RandomState(0)
-    ids = [np.append(rng.randint(3, config.vocab_size, n - 1), 1).astype(np.int32)
-           for n in np.clip(rng.normal(33, 14, args.decode_rows), 4, 100).astype(int)]
+  """(model_config, params, src int32 [rows, len]): the longest bucket of the
+  test verses, as ``benchmarks.decode`` loads them (random `small` params and
+  synthetic sources without --workdir)."""
+  from benchmarks import decode  # pylint: disable=import-outside-toplevel
+  from train import evaluate  # pylint: disable=import-outside-toplevel
+  notes = []
+  ids, config, params = decode.test_sources(
+      argparse.Namespace(workdir=args.workdir, checkpoint="latest",
+                         tokenizer="", data_dir=""), notes)
+  for note in notes:
+    print(f"note: {note}")
   [(_, src)] = evaluate.make_batches(ids, args.decode_rows, config.max_len)[:1]
   return config, params, src
 

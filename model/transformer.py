@@ -95,19 +95,17 @@ class DecoderLayer(nn.Module):
     prime (decode only): fill the cross-attention keys/values from encoded.
     """
     cfg = self.config
-    if self.decode:
+    if self.decode:  # one token a call; the cache applies causality itself
       cross_attention = layers.CachedCrossAttention(cfg, name="cross_attention")
       if prime:
         return cross_attention(None, encoded, prime=True)
       attend_encoded = lambda h: cross_attention(h, encoded, cross_mask)
+      attend_prefix = layers.CachedSelfAttention(cfg, name="self_attention")
     else:
       cross_attention = layers.attention(cfg, "cross_attention")
       attend_encoded = lambda h: cross_attention(
           h, encoded, mask=cross_mask, deterministic=deterministic,
           sow_weights=True)
-    if self.decode:  # the cache applies causality itself
-      attend_prefix = layers.CachedSelfAttention(cfg, name="self_attention")
-    else:
       self_attention = layers.attention(cfg, "self_attention")
       attend_prefix = lambda h: self_attention(
           h, h, mask=self_mask, deterministic=deterministic, sow_weights=True)
