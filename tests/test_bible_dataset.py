@@ -174,3 +174,25 @@ def test_chapter_openings_truecased_in_the_dataset(splits):
   leading_caps = re.compile(r"^\W*(?:\w\W+)?[A-ZÁÉÍÓÚÑ]{2,}\b")
   assert not [e["ref"] for examples in splits.values() for e in examples
               if leading_caps.match(e["es"])]
+
+
+@pytest.mark.slow
+def test_two_processes_building_at_once_both_succeed(tmp_path):
+  # Without the build lock in train/datasets/sources.py, the second of two
+  # first-use builds into one data_dir fails renaming its temporary
+  # directory onto the finished one (FileExistsError).
+  code = (
+      "import sys; from train import input_pipeline; "
+      "from train.datasets import sources; "
+      "c = input_pipeline.default_data_config(); c.data_dir = sys.argv[1]; "
+      "print(len(sources.get_source(c, 'test')))"
+  )
+  procs = [
+      subprocess.Popen([sys.executable, "-c", code, str(tmp_path)],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for _ in range(2)
+  ]
+  for proc in procs:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert out.strip().splitlines()[-1] == "1063"

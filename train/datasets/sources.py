@@ -15,7 +15,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib
+import os
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -96,11 +99,37 @@ def ensure_registered(name: str) -> None:
     importlib.import_module(f"tensorflow_datasets.translate.wmt{match.group(1)}")
 
 
+@contextlib.contextmanager
+def _build_lock(name: str, data_dir: str | None):
+  """Serialises first-use builds of a dataset among processes of one machine.
+
+  tfds builds into a temporary directory and renames it into place; a second
+  process building the same dataset at the same moment (two trainings started
+  together on a fresh machine) fails at that rename with FileExistsError.
+  tfds has no lock of its own, so a local data_dir gets an flock here; gs://
+  data_dirs are prepared beforehand (experiments/tpu_vm/prepare_wmt.sh).
+  """
+  root = os.path.expanduser(
+      data_dir or os.environ.get("TFDS_DATA_DIR") or tfds.core.constants.DATA_DIR)
+  if "://" in root:
+    yield
+    return
+  os.makedirs(root, exist_ok=True)
+  lock_path = os.path.join(root, f".{name.replace('/', '_')}.build.lock")
+  with open(lock_path, "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _tfds_source(data_config, split: str) -> PairSource:
   ensure_registered(data_config.name)
-  records = tfds.data_source(
-      data_config.name, split=split, data_dir=data_config.data_dir or None
-  )
+  with _build_lock(data_config.name, data_config.data_dir or None):
+    records = tfds.data_source(
+        data_config.name, split=split, data_dir=data_config.data_dir or None
+    )
   features = set(records[0].keys()) if len(records) else set()
   for lang in (data_config.source_lang, data_config.target_lang):
     if features and lang not in features:
