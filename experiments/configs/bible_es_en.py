@@ -41,7 +41,7 @@ def get_config():
   c.model.pre_ln = True
   c.optimizer.warmup_steps = 150
   c.optimizer.learning_rate_scale = 0.6
-  c.num_train_steps = 4000
+  c.num_train_steps = 100_000     # bounded by --config.max_minutes (quickstart --minutes)
   c.max_minutes = 0.0
   c.log_every_steps = 20
   c.eval_every_steps = 500         # a full validation pass costs ~20 steps
