@@ -4,8 +4,9 @@ The CPU experiment (2 cores, about 30 minutes): the `small` preset (d_model
 256, 3+3 layers, 4 heads, d_ff 1024, ~7.6M parameters with the 8k joint
 SentencePiece vocabulary), packed rows of max_len 128 tokens.
 
-Choices for a ~30-minute, ~1,500-step run (the paper's settings assume
-100k steps of 25k-token batches on 8 GPUs):
+Choices for a ~30-minute run, 1,000 to 2,400 steps as this shared 2-core
+machine's speed varies from day to day (the paper's settings assume 100k
+steps of 25k-token batches on 8 GPUs):
   * batch_size 16 rows (~1,900 target tokens per step after packing): many
     small updates beat few large ones when the step budget is ~2k;
   * pre-LN residual blocks (model.pre_ln, a departure: LayerNorm before
