@@ -1,6 +1,6 @@
 """Decoding speed: verses/s of greedy and beam-4 search, and the KV cache's gain.
 
-    python benchmarks/decode.py [--workdir=<trained run>] [--num_verses=1063]
+    python -m benchmarks.decode [--workdir=<trained run>] [--num_verses=1063]
         [--batch_size=64] [--recompute_verses=64] [--methods=greedy,beam]
 
 Decodes the `bible_es_en` test split (1,063 verses) with the `small` model:
@@ -21,18 +21,15 @@ CPU machine (beam 4 >= 150 verses/s, greedy >= 500 verses/s, cache >= 5x).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks.common import emit, machine, table  # noqa: E402
-from model import TransformerConfig, decoding, init_params  # noqa: E402
-from train import evaluate  # noqa: E402
+from benchmarks.common import emit, machine, table
+from model import TransformerConfig, decoding, init_params
+from train import inference
+from train.translation import make_batches, truncate
 
 GOALS = {"greedy": 500.0, "beam4": 150.0, "cache_speedup": 5.0}
 
@@ -44,12 +41,13 @@ def test_sources(args, notes):
   notes: a list that receives what was used (trained or random params, ...).
   """
   if args.workdir:
-    loaded = evaluate.load_params(args.workdir, args.checkpoint)
+    loaded = inference.load(args.workdir,
+                            inference.parse_checkpoint(args.checkpoint))
     from train import input_pipeline  # pylint: disable=import-outside-toplevel
     data = loaded.experiment_config.data
     ev = input_pipeline.make_eval_data(data, loaded.tokenizer, 1, split="test",
                                        process_index=0, process_count=1)
-    ids = [evaluate.truncate(x, data.max_len)
+    ids = [truncate(x, data.max_len)
            for x in loaded.tokenizer.encode_batch(ev.sources)]
     notes.append(f"trained params: {args.workdir} step {loaded.steps[0]}")
     return ids, loaded.model_config, loaded.params
@@ -65,14 +63,14 @@ def test_sources(args, notes):
   ids = None
   if tok is not None:
     try:
-      from train import input_pipeline  # pylint: disable=import-outside-toplevel
+      from experiments.configs import data_config  # pylint: disable=import-outside-toplevel
       from train.datasets import sources  # pylint: disable=import-outside-toplevel
-      data = input_pipeline.default_data_config()
+      data = data_config()
       if args.data_dir:
         data.data_dir = args.data_dir
       source = sources.get_source(data, "test")
       texts = [p["src"] for p in source.get_many(range(len(source)))]
-      ids = [evaluate.truncate(x, data.max_len) for x in tok.encode_batch(texts)]
+      ids = [truncate(x, data.max_len) for x in tok.encode_batch(texts)]
       notes.append(f"bible_es_en test split tokenised by {args.tokenizer}")
     except Exception as e:  # pylint: disable=broad-except
       notes.append(f"bible_es_en not available ({type(e).__name__}: {e})")
@@ -113,7 +111,7 @@ def main():
   notes: list[str] = []
   ids, config, params = test_sources(args, notes)
   ids = ids[:args.num_verses]
-  batches = evaluate.make_batches(ids, args.batch_size, config.max_len)
+  batches = make_batches(ids, args.batch_size, config.max_len)
   common = dict(machine(), batch_size=args.batch_size,
                 d_model=config.d_model, vocab=config.vocab_size)
   rows = []
@@ -137,8 +135,8 @@ def main():
                                          alpha=0.6).sequences[:, 0], batches)
     record("beam4", len(ids), s, t, goal=GOALS["beam4"])
   if args.recompute_verses > 0:
-    subset = evaluate.make_batches(ids[:args.recompute_verses],
-                                   args.batch_size, config.max_len)
+    subset = make_batches(ids[:args.recompute_verses], args.batch_size,
+                          config.max_len)
     n = sum(len(chunk) for chunk, _ in subset)
     cached = record("greedy_cached_subset", n, *_time_batches(
         lambda src: decoding.greedy_search(config, params, src), subset))

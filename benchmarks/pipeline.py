@@ -14,15 +14,11 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-# The repository root first: run as a script, this file's folder would come
-# first and `import train` would find benchmarks/train.py.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main():
@@ -41,6 +37,7 @@ def main():
 
   import tokenizer  # pylint: disable=import-outside-toplevel
   import train.datasets  # noqa: F401  pylint: disable=import-outside-toplevel
+  from experiments import configs  # pylint: disable=import-outside-toplevel
   from train import input_pipeline  # pylint: disable=import-outside-toplevel
 
   results = []
@@ -49,7 +46,7 @@ def main():
     print(json.dumps(record), flush=True)
     results.append(record)
 
-  config = input_pipeline.default_data_config()
+  config = configs.data_config()
   config.data_dir = args.data_dir or tempfile.mkdtemp(prefix="bench_tfds_")
   start = time.perf_counter()
   sizes = {

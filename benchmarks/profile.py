@@ -5,7 +5,7 @@ batch, summed by HLO op and by part of the model.
         [--steps 5] [--workdir runs/bible_es_en] [--decode_rows 64]
         [--trace_dir /tmp/profile]
 
-Traces ``--steps`` training steps of ``benchmarks.train.build`` (synthetic
+Traces ``--steps`` training steps of ``benchmarks.training.build`` (synthetic
 packed batches, 2048 positions a step) and, with ``--workdir``, greedy and
 beam-4 decoding of the ``--decode_rows`` longest test verses with the trained
 params (without it: random `small` params and synthetic sources, as
@@ -30,15 +30,13 @@ import json
 import os
 import pathlib
 import re
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
+import jax
 
-from benchmarks.common import emit, table  # noqa: E402
+from benchmarks.common import emit, table
 
 # (part, pattern on the op's metadata "op_name" path and opcode), first match.
 PARTS = (
@@ -149,14 +147,14 @@ def decode_inputs(args):
   test verses, as ``benchmarks.decode`` loads them (random `small` params and
   synthetic sources without --workdir)."""
   from benchmarks import decode  # pylint: disable=import-outside-toplevel
-  from train import evaluate  # pylint: disable=import-outside-toplevel
+  from train.translation import make_batches  # pylint: disable=import-outside-toplevel
   notes = []
   ids, config, params = decode.test_sources(
       argparse.Namespace(workdir=args.workdir, checkpoint="latest",
                          tokenizer="", data_dir=""), notes)
   for note in notes:
     print(f"note: {note}")
-  [(_, src)] = evaluate.make_batches(ids, args.decode_rows, config.max_len)[:1]
+  [(_, src)] = make_batches(ids, args.decode_rows, config.max_len)[:1]
   return config, params, src
 
 
@@ -177,8 +175,8 @@ def main():
   os.makedirs(trace_dir, exist_ok=True)
 
   if "train" not in skip:
-    from benchmarks import train  # pylint: disable=import-outside-toplevel
-    _, _, train_step, state, batch, rng = train.build(
+    from benchmarks import training  # pylint: disable=import-outside-toplevel
+    _, _, train_step, state, batch, rng = training.build(
         args.preset, args.max_len, args.tokens_per_step, "float32")
     # Not donated here: the same state is fed again at every repeat.
     step = jax.jit(train_step)

@@ -7,7 +7,7 @@ Runs, in order: ``peak`` (float32 and bf16 matmul GFLOP/s), ``train`` (tiny /
 small / base x max_len 64 / 128 / 256, float32, plus ``small`` at 128 in
 bfloat16 for the bf16/f32 ratio), ``decode`` (if ``benchmarks/decode.py``
 exists) and ``pipeline``. The train benchmark runs in-process through
-``benchmarks.train.run``; decode and pipeline run as subprocesses and their
+``benchmarks.training.run``; decode and pipeline run as subprocesses and their
 JSON lines are collected. A benchmark that fails is recorded with its error and
 the others still run. --workdir: the trained run that ``decode`` loads
 (without it decode uses random params, a worst case). The result file holds the machine, the load average
@@ -75,7 +75,7 @@ def main():
   args = parser.parse_args()
   skip = set(filter(None, args.skip.split(",")))
 
-  from benchmarks import common, peak, train  # pylint: disable=import-outside-toplevel
+  from benchmarks import common, peak, training  # pylint: disable=import-outside-toplevel
 
   results = {"date": datetime.date.today().isoformat(),
              "machine": common.machine(), "cpu_count": os.cpu_count(),
@@ -89,11 +89,11 @@ def main():
   if "train" not in skip:
     try:
       if args.quick:
-        records = train.run(["small"], [128], peak_gflops=peak_f32)
+        records = training.run(["small"], [128], peak_gflops=peak_f32)
       else:
-        records = train.run(peak_gflops=peak_f32)
-      records += train.run(["small"], [128], dtype="bfloat16",
-                           peak_gflops=peak_f32)
+        records = training.run(peak_gflops=peak_f32)
+      records += training.run(["small"], [128], dtype="bfloat16",
+                              peak_gflops=peak_f32)
       f32 = next((r for r in records if r.get("preset") == "small"
                   and r.get("max_len") == 128 and r.get("dtype") == "float32"
                   and "error" not in r), None)

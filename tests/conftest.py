@@ -13,6 +13,7 @@ import fcntl
 import os
 
 import pytest
+from experiments import configs
 
 
 @contextlib.contextmanager
@@ -45,9 +46,7 @@ def bible_data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def bible_config(bible_data_dir):
-  from train import input_pipeline
-
-  config = input_pipeline.default_data_config()
+  config = configs.data_config()
   config.data_dir = bible_data_dir
   return config
 

@@ -182,9 +182,9 @@ def test_two_processes_building_at_once_both_succeed(tmp_path):
   # first-use builds into one data_dir fails renaming its temporary
   # directory onto the finished one (FileExistsError).
   code = (
-      "import sys; from train import input_pipeline; "
+      "import sys; from experiments import configs; "
       "from train.datasets import sources; "
-      "c = input_pipeline.default_data_config(); c.data_dir = sys.argv[1]; "
+      "c = configs.data_config(); c.data_dir = sys.argv[1]; "
       "print(len(sources.get_source(c, 'test')))"
   )
   procs = [

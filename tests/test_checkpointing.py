@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import pytest
+from train import inference, trainer
 
 FAST_COMPILE = ("--xla_backend_optimization_level=0 "
                 "--xla_llvm_disable_expensive_passes=true")
@@ -47,14 +48,14 @@ def _config(mesh=None, preset="tiny"):
 def _mesh_worker(workdir: str) -> None:
   import jax
   from model import TransformerConfig
-  from train import checkpointing, sharding
+  from train import checkpointing
   assert jax.device_count() == 8
   model_config = TransformerConfig.preset("tiny")
   config = _config(dict(data=2, fsdp=2, tensor=2))
-  runner8 = sharding.make_runner(config, model_config, 16, 32)
+  runner8 = trainer.make_runner(config, model_config)
   host = _random_state(runner8)
   state = runner8.place_state(host)
-  ckpt = checkpointing.Checkpointer(workdir, config)
+  ckpt = checkpointing.Checkpointer(workdir, config.checkpoint)
   record = checkpointing.config_record(config, model_config)
   ckpt.save(7, state, None, record, metrics={"eval_loss": 1.5})
   ckpt.wait()
@@ -63,9 +64,8 @@ def _mesh_worker(workdir: str) -> None:
   for name, mesh, devices in [("one", dict(data=1, fsdp=1, tensor=1),
                                jax.devices()[:1]),
                               ("d2f4", dict(data=2, fsdp=4, tensor=1), None)]:
-    runner = sharding.make_runner(_config(mesh), model_config, 16, 32,
-                                  devices=devices)
-    reader = checkpointing.Checkpointer(workdir, _config(mesh))
+    runner = trainer.make_runner(_config(mesh), model_config, devices=devices)
+    reader = checkpointing.Checkpointer(workdir, _config(mesh).checkpoint)
     restored = reader.restore(7, runner.abstract_state())
     reader.close()
     same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), b)),
@@ -98,10 +98,10 @@ def test_save_on_8_devices_restore_on_1_and_2x4(tmp_path):
   assert report["d2f4"]["shard_shape"] == [64, 8]
   # Inference users get params only, on one device, from the same files.
   from train import checkpointing
-  assert checkpointing.list_steps(tmp_path) == [7]
-  model_config, params, experiment = checkpointing.load_for_inference(
+  assert checkpointing.complete_steps(checkpointing.checkpoint_dir(tmp_path)) == [7]
+  model_config, experiment, params, _ = inference.load_params(
       tmp_path, "best")
-  assert model_config.d_model == 32 and experiment.model_preset == "tiny"
+  assert model_config.d_model == 32 and experiment["model_preset"] == "tiny"
   assert params["shared_embedding"]["embedding"].shape == (64, 32)
   assert len(params["shared_embedding"]["embedding"].devices()) == 1
 
@@ -111,12 +111,12 @@ def test_save_on_8_devices_restore_on_1_and_2x4(tmp_path):
 def _kill_worker(workdir: str) -> None:
   """Saves step 1, starts an async save of step 2 and waits to be killed."""
   from model import TransformerConfig
-  from train import checkpointing, sharding
+  from train import checkpointing
   model_config = TransformerConfig.preset("small")  # ~40 MB of state
   config = _config(dict(data=1, fsdp=1, tensor=1), preset="small")
-  runner = sharding.make_runner(config, model_config, 16, 32)
+  runner = trainer.make_runner(config, model_config)
   record = checkpointing.config_record(config, model_config)
-  ckpt = checkpointing.Checkpointer(workdir, config)
+  ckpt = checkpointing.Checkpointer(workdir, config.checkpoint)
   ckpt.save(1, runner.place_state(_random_state(runner, 1)), None, record)
   ckpt.wait()
   state2 = runner.place_state(_random_state(runner, 2))
@@ -140,19 +140,19 @@ def test_sigkill_during_async_save_keeps_previous_checkpoint(tmp_path):
     if child.poll() is None:
       child.kill()
   from model import TransformerConfig
-  from train import checkpointing, sharding
+  from train import checkpointing
   ckpt_dir = tmp_path / "checkpoints"
   leftovers = [p.name for p in ckpt_dir.iterdir() if not p.name.isdigit()]
   # The interrupted save of step 2 never became a checkpoint.
-  assert checkpointing.list_steps(tmp_path) == [1], sorted(
+  assert checkpointing.complete_steps(checkpointing.checkpoint_dir(tmp_path)) == [1], sorted(
       p.name for p in ckpt_dir.iterdir())
   # ... and the kill did hit it mid-save (its temporary directory is there).
   assert "2.orbax-checkpoint-tmp" in leftovers, leftovers
   # A resumed run restores step 1 intact ...
   config = _config(dict(data=1, fsdp=1, tensor=1), preset="small")
   model_config = TransformerConfig.preset("small")
-  runner = sharding.make_runner(config, model_config, 16, 32)
-  ckpt = checkpointing.Checkpointer(tmp_path, config)
+  runner = trainer.make_runner(config, model_config)
+  ckpt = checkpointing.Checkpointer(tmp_path, config.checkpoint)
   assert ckpt.latest_step() == 1
   restored = ckpt.restore(1, runner.abstract_state())
   expected = _random_state(runner, 1)
@@ -164,7 +164,7 @@ def test_sigkill_during_async_save_keeps_previous_checkpoint(tmp_path):
             checkpointing.config_record(config, model_config))
   ckpt.wait()
   ckpt.close()
-  assert checkpointing.list_steps(tmp_path) == [1, 2]
+  assert checkpointing.complete_steps(checkpointing.checkpoint_dir(tmp_path)) == [1, 2]
 
 
 # ------------------------------------------------ config compatibility
@@ -175,7 +175,7 @@ def test_incompatible_config_names_the_fields(tmp_path):
   config = _config()
   model_config = TransformerConfig.preset("tiny")
   saved = checkpointing.config_record(config, model_config)
-  ckpt = checkpointing.Checkpointer(tmp_path, config)
+  ckpt = checkpointing.Checkpointer(tmp_path, config.checkpoint)
   ckpt.manager.save(5, args=checkpointing.ocp.args.Composite(**{
       checkpointing.CONFIG: checkpointing.ocp.args.JsonSave(saved)}))
   ckpt.wait()
@@ -206,14 +206,14 @@ def test_incompatible_config_names_the_fields(tmp_path):
 
 def test_keeps_last_n_plus_best(tmp_path):
   from model import TransformerConfig
-  from train import checkpointing, sharding
+  from train import checkpointing
   config = _config(dict(data=1, fsdp=1, tensor=1))
   config.checkpoint.max_to_keep = 2
   config.checkpoint.keep_best = 1
   model_config = TransformerConfig.preset("tiny")
-  runner = sharding.make_runner(config, model_config, 16, 32)
+  runner = trainer.make_runner(config, model_config)
   record = checkpointing.config_record(config, model_config)
-  ckpt = checkpointing.Checkpointer(tmp_path, config)
+  ckpt = checkpointing.Checkpointer(tmp_path, config.checkpoint)
   losses = {1: 3.0, 2: 1.0, 3: 4.0, 4: None, 5: 6.0, 6: 5.0}
   for step, loss in losses.items():
     state = runner.place_state(_random_state(runner, step))
@@ -223,13 +223,12 @@ def test_keeps_last_n_plus_best(tmp_path):
   assert ckpt.all_steps() == [2, 5, 6]   # the best (2) + the last two
   assert ckpt.best_step() == 2
   ckpt.close()
-  _, params, _ = checkpointing.load_for_inference(tmp_path, "best")
+  _, _, params, _ = inference.load_params(tmp_path, "best")
   np.testing.assert_array_equal(
       np.asarray(params["shared_embedding"]["embedding"]),
       _random_state(runner, 2).params["shared_embedding"]["embedding"])
   # Several steps' params, averaged as evaluation does.
-  from train import evaluate
-  mean = evaluate.average_checkpoints(tmp_path, [5, 6])
+  mean = inference.average_checkpoints(tmp_path, [5, 6])
   np.testing.assert_allclose(
       np.asarray(mean["shared_embedding"]["embedding"]),
       (_random_state(runner, 5).params["shared_embedding"]["embedding"] +
@@ -241,19 +240,19 @@ def test_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
   # `python -m train --workdir=runs/x` passes a relative path; Orbax itself
   # refuses relative paths for array data.
   from model import TransformerConfig
-  from train import checkpointing, sharding
+  from train import checkpointing
   monkeypatch.chdir(tmp_path)
   config = _config(dict(data=1, fsdp=1, tensor=1))
   model_config = TransformerConfig.preset("tiny")
-  runner = sharding.make_runner(config, model_config, 16, 32)
-  ckpt = checkpointing.Checkpointer("runs/relative", config)
+  runner = trainer.make_runner(config, model_config)
+  ckpt = checkpointing.Checkpointer("runs/relative", config.checkpoint)
   state = _random_state(runner, 7)
   ckpt.save(3, runner.place_state(state), None,
             checkpointing.config_record(config, model_config))
   ckpt.wait()
   ckpt.close()
   assert (tmp_path / "runs/relative/checkpoints/3/state").is_dir()
-  _, params, _ = checkpointing.load_for_inference("runs/relative")
+  _, _, params, _ = inference.load_params("runs/relative")
   np.testing.assert_array_equal(
       np.asarray(params["shared_embedding"]["embedding"]),
       state.params["shared_embedding"]["embedding"])
@@ -262,9 +261,10 @@ def test_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
 def test_best_metric_policy():
   from train import checkpointing
   config = _config()
-  assert checkpointing.best_metric_and_mode(config) == ("eval_loss", "min")
-  config.eval_bleu_every_steps = 500
-  assert checkpointing.best_metric_and_mode(config) == ("eval_bleu", "max")
+  assert checkpointing.best_metric_and_mode(config.checkpoint, bleu=False) == (
+      "eval_loss", "min")
+  assert checkpointing.best_metric_and_mode(config.checkpoint, bleu=True) == (
+      "eval_bleu", "max")
 
 
 if __name__ == "__main__":

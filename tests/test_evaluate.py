@@ -1,4 +1,5 @@
-"""Tests of train/evaluate.py: sacreBLEU scoring, checkpoint averaging, the CLI.
+"""Tests of train/evaluate.py and train/inference.py: sacreBLEU scoring,
+checkpoint loading and averaging, the CLI.
 
 `make_workdir` builds a small but real workdir (SentencePiece model, Orbax
 checkpoints written by train.checkpointing, config.json) in seconds; the
@@ -12,14 +13,13 @@ import types
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 import tokenizer as tokenizer_lib
 from experiments.configs import base_config
 from model import TransformerConfig, init_params
-from train import checkpointing, evaluate
+from train import checkpointing, evaluate, inference, translation
 
 SOURCES = [
     "En el principio creó Dios los cielos y la tierra.",
@@ -73,7 +73,6 @@ def make_workdir(path, steps=(10, 20, 30), distinct_last=True):
                                   opt_state={"count": jnp.zeros((), jnp.int32)})
     ckpt.save(step, state, None, record, force=True)
     saved[step] = params
-  ckpt.wait()
   ckpt.close()
   (path / "config.json").write_text(json.dumps(record["experiment"]))
   return workdir, model_config, saved
@@ -122,13 +121,13 @@ def test_score_equals_sacrebleu_command_line(tmp_path):
 
 def test_averaging_copies_of_one_checkpoint_gives_it(workdir):
   path, _, saved = workdir
-  averaged = evaluate.average_checkpoints(path, [10, 20])
+  averaged = inference.average_checkpoints(path, [10, 20])
   jax.tree.map(np.testing.assert_array_equal, averaged, saved[10])
-  loaded = evaluate.load_params(path, checkpoint=20, average_last=5)
+  loaded = inference.load(path, checkpoint=20, average_last=5)
   assert loaded.steps == [10, 20]
   jax.tree.map(np.testing.assert_array_equal, loaded.params, saved[20])
   # Different checkpoints: the element-wise mean.
-  mixed = evaluate.load_params(path, checkpoint="latest", average_last=2)
+  mixed = inference.load(path, checkpoint="latest", average_last=2)
   assert mixed.steps == [20, 30]
   jax.tree.map(
       lambda m, a, b: np.testing.assert_allclose(m, (a + b) / 2, rtol=1e-6,
@@ -163,10 +162,10 @@ def test_decode_ids_keeps_the_input_order(workdir):
   path, model_config, saved = workdir
   tok = tokenizer_lib.load(tokenizer_lib.model_path(path))
   ids = tok.encode_batch(SOURCES)
-  options = evaluate.DecodeOptions(method="greedy", max_extra_len=4,
-                                   batch_size=8)
-  forward = evaluate.decode_ids(model_config, saved[30], ids, options)
-  backward = evaluate.decode_ids(model_config, saved[30], ids[::-1], options)
+  options = translation.DecodeOptions(method="greedy", max_extra_len=4,
+                                      batch_size=8)
+  forward = translation.decode_ids(model_config, saved[30], ids, options)
+  backward = translation.decode_ids(model_config, saved[30], ids[::-1], options)
   assert forward == backward[::-1]
   assert all(len(out) <= len(x) - 1 + 4 for out, x in zip(forward, ids))
 
@@ -181,10 +180,8 @@ def test_validation_bleu_hook(workdir):
     src[row, :len(ids)] = ids
   batch = {"src": src, "row_mask": np.array([1, 1, 1] + [0] * 5, np.int32),
            "index": np.array(picked + [-1] * 5, np.int32)}
-  eval_data = types.SimpleNamespace(references=TARGETS)
-  config = ml_collections.ConfigDict({"eval_bleu_beam_size": 1,
-                                      "eval_bleu_max_extra_len": 4})
+  options = translation.DecodeOptions(method="greedy", max_extra_len=4)
   scores = evaluate.validation_bleu(model_config, saved[30], [batch],
-                                    eval_data, tok, config)
+                                    TARGETS, tok, options)
   assert set(scores) == {"bleu", "chrf"}
   assert 0 <= scores["bleu"] <= 100 and 0 <= scores["chrf"] <= 100

@@ -10,7 +10,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from train import input_pipeline
+from train import sharding as sharding_lib
 from train.datasets import sources
+from experiments import configs
+from train.batches import BATCH_KEYS
 
 ROWS = 32
 
@@ -22,7 +25,7 @@ def small_config(bible_config, tmp_path):
   pairs = source.get_many(range(len(source)))
   tsv = tmp_path / "small.tsv"
   tsv.write_text("".join(f"{p['src']}\t{p['tgt']}\n" for p in pairs), encoding="utf-8")
-  config = input_pipeline.default_data_config()
+  config = configs.data_config()
   config.name = "parallel_text"
   config.train_tsv_file = str(tsv)
   config.eval_tsv_file = str(tsv)
@@ -90,7 +93,7 @@ def test_pack_efficiency_on_bible_train(bible_config, bible_tokenizer):
   batches = [next(it) for _ in range(24)]
   for batch in batches:
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
-        k: ((64, 128), np.int32) for k in input_pipeline.KEYS}
+        k: ((64, 128), np.int32) for k in BATCH_KEYS}
   efficiency = input_pipeline.pack_efficiency(batches)
   print(f"pack efficiency, Bible train, max_len 128, 64 rows: {efficiency}")
   assert min(efficiency.values()) >= 0.9
@@ -104,7 +107,7 @@ def test_same_seed_same_batches_and_other_seed_differs(small_config, bible_token
   for _ in range(6):  # more than one epoch of the small set
     a, b = next(first), next(second)
     seed0 = a if seed0 is None else seed0
-    assert all((a[k] == b[k]).all() for k in input_pipeline.KEYS)
+    assert all((a[k] == b[k]).all() for k in BATCH_KEYS)
   config.seed = 1
   seed1 = next(input_pipeline.make_train_iterator(config, bible_tokenizer, ROWS))
   assert not (seed1["tgt"] == seed0["tgt"]).all()
@@ -121,7 +124,7 @@ def test_resume_from_state_gives_identical_batches(small_config, bible_tokenizer
   resumed.set_state(state)
   for want in expected:
     got = next(resumed)
-    assert all((got[k] == want[k]).all() for k in input_pipeline.KEYS)
+    assert all((got[k] == want[k]).all() for k in BATCH_KEYS)
 
 
 def test_resume_through_orbax_composite_checkpoint(small_config, bible_tokenizer, tmp_path):
@@ -142,7 +145,7 @@ def test_resume_through_orbax_composite_checkpoint(small_config, bible_tokenizer
         data=grain.checkpoint.CheckpointRestore(fresh)))
   assert restored["step"] == {"step": 3}
   got = next(restored["data"])
-  assert all((got[k] == expected[k]).all() for k in input_pipeline.KEYS)
+  assert all((got[k] == expected[k]).all() for k in BATCH_KEYS)
 
 
 def test_each_process_reads_its_own_part(small_config, bible_tokenizer):
@@ -187,7 +190,7 @@ def test_make_global_batch(bible_config, bible_tokenizer):
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None))
   ev = input_pipeline.make_eval_data(bible_config, bible_tokenizer, 8 * jax.device_count())
   host = next(ev.batches())
-  global_batch = input_pipeline.make_global_batch(host, sharding)
+  global_batch = sharding_lib.make_global_batch(host, sharding)
   for key, value in global_batch.items():
     assert isinstance(value, jax.Array) and value.shape == host[key].shape
     assert (np.asarray(value) == host[key]).all()

@@ -16,6 +16,7 @@ import sys
 
 import numpy as np
 import pytest
+from train.batches import SyntheticBatches
 
 pytestmark = pytest.mark.slow  # child processes that compile
 
@@ -40,14 +41,14 @@ def _worker(out_dir: str, process_id: int, num_processes: int, port: int):
     config.mesh.update(dict(data=-1, fsdp=2, tensor=2))
   else:
     config.mesh.update(dict(data=1, fsdp=1, tensor=1))
-  sharding.maybe_initialize_distributed(config)
+  sharding.maybe_initialize_distributed(config.distributed)
   assert jax.process_count() == num_processes
   devices = jax.devices() if num_processes > 1 else jax.devices()[:1]
   model_config = TransformerConfig.preset("tiny")
-  runner = sharding.make_runner(config, model_config, 16, 32, devices=devices)
-  data = trainer.SyntheticBatches(16, 32, model_config.vocab_size, seed=5,
-                                  process_index=jax.process_index(),
-                                  process_count=jax.process_count())
+  runner = trainer.make_runner(config, model_config, devices=devices)
+  data = SyntheticBatches(16, 32, model_config.vocab_size, seed=5,
+                          process_index=jax.process_index(),
+                          process_count=jax.process_count())
   state = runner.init_state(jax.random.key(0))
   rng = jax.random.key(1)
   losses = []

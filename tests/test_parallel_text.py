@@ -7,6 +7,8 @@ import tokenizer
 from train import input_pipeline
 from train.datasets import parallel_text, sources
 from train.datasets.parallel_text import ParallelTextError, read_parallel_text
+from experiments import configs
+from train.batches import BATCH_KEYS
 
 
 def write(path, data):
@@ -64,7 +66,7 @@ def test_missing_file_and_wrong_arguments(tmp_path):
 def test_parallel_text_through_the_pipeline(tmp_path):
   es = [f"el hombre número {i} anda por la casa" for i in range(40)]
   en = [f"the man number {i} walks through the house" for i in range(40)]
-  config = input_pipeline.default_data_config()
+  config = configs.data_config()
   config.name = "parallel_text"
   config.train_src_file = write(tmp_path / "train.es", "\n".join(es) + "\n")
   config.train_tgt_file = write(tmp_path / "train.en", "\n".join(en) + "\n")
@@ -77,13 +79,13 @@ def test_parallel_text_through_the_pipeline(tmp_path):
   tok = input_pipeline.train_or_load_tokenizer(config, str(tmp_path / "work"))
   batch = next(input_pipeline.make_train_iterator(config, tok, 4))
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
-      k: ((4, 32), np.int32) for k in input_pipeline.KEYS}
+      k: ((4, 32), np.int32) for k in BATCH_KEYS}
   ev = input_pipeline.make_eval_data(config, tok, 4)
   assert ev.sources == es[:5] and ev.references == en[:5] and ev.num_batches == 2
 
 
 def test_empty_training_files_fail_clearly(tmp_path):
-  config = input_pipeline.default_data_config()
+  config = configs.data_config()
   config.name = "parallel_text"
   config.train_tsv_file = write(tmp_path / "empty.tsv", "\t\n")
   with pytest.raises(tokenizer.EmptyTrainingTextError):

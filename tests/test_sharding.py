@@ -21,6 +21,7 @@ import sys
 
 import numpy as np
 import pytest
+from train.batches import SyntheticBatches
 
 pytestmark = pytest.mark.slow  # child processes that compile
 
@@ -35,7 +36,7 @@ def _worker(out_dir: str) -> None:
   import jax
   from experiments.configs import tiny
   from model import TransformerConfig
-  from train import sharding, trainer
+  from train import trainer
 
   assert jax.device_count() == 8, jax.devices()
 
@@ -47,10 +48,9 @@ def _worker(out_dir: str) -> None:
     if mesh:
       config.mesh.update(mesh)
     model_config = TransformerConfig.preset("tiny", dropout_rate=dropout)
-    runner = sharding.make_runner(config, model_config, 16, 32,
-                                  devices=devices)
-    data = trainer.SyntheticBatches(batch_size=16, max_len=32,
-                                    vocab_size=model_config.vocab_size, seed=3)
+    runner = trainer.make_runner(config, model_config, devices=devices)
+    data = SyntheticBatches(batch_size=16, max_len=32,
+                            vocab_size=model_config.vocab_size, seed=3)
     if not initial:  # one compiled init; every placement starts from it
       initial["state"] = jax.device_get(runner.init_state(jax.random.key(0)))
     state = runner.place_state(initial["state"])
@@ -60,10 +60,7 @@ def _worker(out_dir: str) -> None:
       state, metrics = runner.train_step(state, runner.place_batch(next(data)),
                                          rng)
       losses.append(float(metrics["loss"]))
-    if parallelism == "pmap":
-      params = runner.unreplicate(state.params)
-    else:
-      params = state.params
+    params = runner.host_params(state.params)
     return runner, np.array(losses), params
 
   results, layouts = {}, {}

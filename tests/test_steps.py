@@ -8,7 +8,8 @@ import pytest
 
 from experiments.configs import tiny
 from model import TransformerConfig
-from train import steps, trainer
+from train import steps
+from train.batches import SyntheticBatches
 
 
 @pytest.mark.parametrize("d_model,warmup,scale", [(512, 4000, 1.0),
@@ -80,10 +81,10 @@ def _small_setup(**optimizer):
   config.optimizer.update(optimizer)
   model_config = TransformerConfig.preset(
       "tiny", num_encoder_layers=1, num_decoder_layers=1)
-  parts = steps.build(config, model_config)
-  data = trainer.SyntheticBatches(4, 16, model_config.vocab_size, seed=1)
+  parts = steps.build(model_config, config.optimizer, config.label_smoothing)
+  data = SyntheticBatches(4, 16, model_config.vocab_size, seed=1)
   state = steps.create_train_state(parts["model"], parts["tx"],
-                                   jax.random.key(0), steps.example_batch(1, 8))
+                                   jax.random.key(0))
   return parts, data, state
 
 

@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 import pytest
+from experiments import configs
 
 pytestmark = pytest.mark.slow  # child processes that compile
 
@@ -64,6 +65,13 @@ def _start(workdir, **overrides):
                           text=True)
 
 
+def _checksums(workdir) -> dict[str, str]:
+  """sha256 of every file under workdir (what "unchanged" means)."""
+  import hashlib
+  return {str(p.relative_to(workdir)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(workdir.rglob("*")) if p.is_file()}
+
+
 def _finish(proc, timeout=300):
   out, err = proc.communicate(timeout=timeout)
   return proc.returncode, out, err
@@ -87,9 +95,9 @@ def corpus_overrides(tmp_path_factory):
 
 def test_exact_resume_after_process_exit(tmp_path, corpus_overrides):
   from ml_collections import ConfigDict
-  from train import checkpointing, input_pipeline
+  from train import checkpointing, inference, input_pipeline
   # One tokenizer for both runs (copied into each workdir).
-  data = ConfigDict(dict(input_pipeline.default_data_config()))
+  data = ConfigDict(dict(configs.data_config()))
   for key, value in corpus_overrides.items():
     if key.startswith("data."):
       data[key[5:]] = value
@@ -103,7 +111,7 @@ def test_exact_resume_after_process_exit(tmp_path, corpus_overrides):
   for proc in (a, b):
     rc, out, err = _finish(proc)
     assert rc == 0, err[-3000:]
-  assert checkpointing.list_steps(resumed) == [10]
+  assert checkpointing.complete_steps(checkpointing.checkpoint_dir(resumed)) == [10]
   rc, out, err = _finish(_start(resumed, num_train_steps=20, **corpus_overrides))
   assert rc == 0, err[-3000:]
   assert "Resuming from step 10" in out
@@ -114,8 +122,8 @@ def test_exact_resume_after_process_exit(tmp_path, corpus_overrides):
   # key is fold_in(rng, step)), state restored exactly from float32 files.
   assert [losses_a[s] for s in range(1, 21)] == [losses_b[s] for s in range(1, 21)]
   assert losses_a[20] < losses_a[1]
-  _, params_a, _ = checkpointing.load_for_inference(straight, 20)
-  _, params_b, _ = checkpointing.load_for_inference(resumed, 20)
+  _, _, params_a, _ = inference.load_params(straight, 20)
+  _, _, params_b, _ = inference.load_params(resumed, 20)
   import jax
   jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
 
@@ -125,12 +133,15 @@ def test_exact_resume_after_process_exit(tmp_path, corpus_overrides):
     assert (resumed / name).exists(), name
   assert json.loads((resumed / "config.json").read_text())["num_train_steps"] == 20
 
-  # Rerunning with a different model in the same workdir fails, naming fields.
+  # Rerunning with a different model in the same workdir is refused (a usage
+  # mistake, exit 2), naming the field, and changes nothing in the workdir.
+  before = _checksums(resumed)
   rc, out, err = _finish(_start(resumed, num_train_steps=30,
                                 **{"model.d_model": 64, **corpus_overrides}))
-  assert rc == 1
-  assert "IncompatibleCheckpointError" in err
+  assert rc == 2, err[-3000:]
+  assert err.startswith("error: ") and "Traceback" not in err
   assert "model.d_model: checkpoint 32, config 64" in err
+  assert _checksums(resumed) == before
 
 
 def test_sigterm_saves_and_exits_and_nan_stops(tmp_path):
@@ -156,11 +167,11 @@ def test_sigterm_saves_and_exits_and_nan_stops(tmp_path):
   finally:
     if term.poll() is None:
       term.kill()
-  from train import checkpointing
+  from train import checkpointing, inference
   assert rc == 0, err[-3000:]
   stopped = int(re.search(r"Stopping at step (\d+) on signal SIGTERM", out)[1])
   assert stopped >= 30
-  assert checkpointing.list_steps(term_dir) == [stopped]
+  assert checkpointing.complete_steps(checkpointing.checkpoint_dir(term_dir)) == [stopped]
   assert max(_train_losses(term_dir)) == stopped
 
   rc, out, err = _finish(nan)
@@ -172,7 +183,7 @@ def test_sigterm_saves_and_exits_and_nan_stops(tmp_path):
   bad, good = int(match[2]), int(match[3])
   assert good == bad - 1
   # Nothing was saved after the NaN; the last good checkpoint restores.
-  assert max(checkpointing.list_steps(nan_dir)) == good
-  _, params, _ = checkpointing.load_for_inference(nan_dir, good)
+  assert max(checkpointing.complete_steps(checkpointing.checkpoint_dir(nan_dir))) == good
+  _, _, params, _ = inference.load_params(nan_dir, good)
   import jax
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))

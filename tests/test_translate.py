@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from test_evaluate import shared_workdir  # tests/ is on sys.path
-from train import evaluate, translate
+from train import inference, translate, translation
 
 FAST = ["--decoding=greedy", "--max_extra_len=4", "--batch_size=4"]
 
@@ -36,10 +36,11 @@ def test_same_order_and_empty_lines(workdir):
   assert code == 0, err
   got = out.split("\n")
   assert got[-1] == "" and len(got) == len(lines) + 1
-  loaded = evaluate.load_params(workdir)
-  expected, _, _ = evaluate.translate_texts(
+  loaded = inference.load(workdir)
+  expected, _, _ = translation.translate_texts(
       loaded.model_config, loaded.params, loaded.tokenizer, lines,
-      evaluate.DecodeOptions(method="greedy", max_extra_len=4, batch_size=4),
+      translation.DecodeOptions(method="greedy", max_extra_len=4,
+                                batch_size=4),
       max_src_tokens=loaded.experiment_config.data.max_len)
   assert got[:-1] == expected
   assert got[1] == "" and got[3] == ""

@@ -10,6 +10,8 @@ import tensorflow_datasets as tfds
 
 from train import input_pipeline
 from train.datasets import sources
+from experiments import configs
+from train.batches import BATCH_KEYS
 
 
 @pytest.mark.parametrize(
@@ -17,7 +19,7 @@ from train.datasets import sources
     [("wmt14_translate/de-en", "en", "de"), ("wmt17_translate/de-en", "de", "en")],
 )
 def test_wmt_mock_yields_packed_batches(tmp_path, name, source_lang, target_lang):
-  config = input_pipeline.default_data_config()
+  config = configs.data_config()
   config.name = name
   config.source_lang, config.target_lang = source_lang, target_lang
   config.data_dir = "gs://not-read/under/mock"  # Any data_dir; mock_data serves.
@@ -38,7 +40,7 @@ def test_wmt_mock_yields_packed_batches(tmp_path, name, source_lang, target_lang
     ev = input_pipeline.make_eval_data(config, tok, 8, split="test")
     eval_batches = list(ev.batches())
   for batch in batches:
-    assert set(batch) == set(input_pipeline.KEYS)
+    assert set(batch) == set(BATCH_KEYS)
     for value in batch.values():
       assert value.shape == (8, 64) and value.dtype == np.int32
     assert batch["src_segment_ids"].max() >= 1 and batch["tgt_segment_ids"].min() == 0

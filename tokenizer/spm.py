@@ -74,8 +74,5 @@ class Tokenizer:
   def id_to_piece(self, index: int) -> str:
     return self._sp.id_to_piece(int(index))
 
-  def piece_to_id(self, piece: str) -> int:
-    return self._sp.piece_to_id(piece)
-
   def __repr__(self) -> str:
     return f"Tokenizer(vocab_size={self.vocab_size})"

@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a run: save, resume, restore elsewhere, load for inference.
+"""Orbax checkpoints of a run: save, resume past a damaged step, restore on any mesh.
 
 On-disk layout of a workdir (everything a user needs to evaluate or translate):
 
@@ -13,6 +13,8 @@ On-disk layout of a workdir (everything a user needs to evaluate or translate):
         config/metadata            {"experiment": <config dict>, "model": <TransformerConfig dict>}
         metrics/metrics            evaluation metrics at that step (best-of policy)
         _CHECKPOINT_METADATA
+      damaged_checkpoints/<step>/  a step that did not restore when training
+                                   resumed, moved aside (never deleted)
 
 The ``state`` item is a dict (documented names):
 
@@ -25,9 +27,14 @@ The ``state`` item is a dict (documented names):
 
 With only ``orbax-checkpoint`` installed::
 
-    import orbax.checkpoint as ocp
-    state = ocp.StandardCheckpointer().restore("<workdir>/checkpoints/<step>/state")
+    import os, orbax.checkpoint as ocp
+    root = os.path.abspath("<workdir>/checkpoints")       # Orbax wants absolute paths
+    step = max(int(d) for d in os.listdir(root) if d.isdigit())   # the latest
+    state = ocp.StandardCheckpointer().restore(f"{root}/{step}/state")
     state["params"]["shared_embedding"]["embedding"]
+
+Loading for inference (params only, averaging, the tokenizer) is
+``train.inference.load``.
 
 Policies: keep the last ``config.checkpoint.max_to_keep`` checkpoints plus the
 ``keep_best`` best by ``best_metric``; saves are asynchronous and atomic
@@ -37,22 +44,21 @@ killed during a save leaves the previous checkpoint restorable.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
 import math
 import os
+import sys
 from typing import Any, Sequence
 
 import grain
-import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
-from model import TransformerConfig, init_params
+from model import TransformerConfig
 
 STATE, DATA, CONFIG = "state", "data", "config"
 CHECKPOINT_DIR = "checkpoints"
@@ -64,6 +70,14 @@ class IncompatibleCheckpointError(ValueError):
 
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or Inf."""
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+  """No (restorable) checkpoint where one was asked for."""
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (disk full, permissions, ...)."""
 
 
 def checkpoint_dir(workdir) -> epath.Path:
@@ -87,16 +101,16 @@ STRUCTURAL_FIELDS = (
 )
 
 
-def best_metric_and_mode(config) -> tuple[str, str]:
-  """config.checkpoint.best_metric/best_mode with 'auto' resolved.
+def best_metric_and_mode(checkpoint_config, bleu: bool) -> tuple[str, str]:
+  """config.checkpoint's best_metric / best_mode with 'auto' resolved.
 
-  'auto': eval_bleu when periodic BLEU is on (eval_bleu_every_steps > 0),
-  else eval_loss. Mode 'auto': 'max' for BLEU / chrF / accuracy, else 'min'.
+  'auto': eval_bleu when periodic BLEU is on (``bleu``), else eval_loss.
+  Mode 'auto': 'max' for BLEU / chrF / accuracy, else 'min'.
   """
-  name = config.checkpoint.best_metric
+  name = checkpoint_config.best_metric
   if name == "auto":
-    name = "eval_bleu" if config.get("eval_bleu_every_steps", 0) > 0 else "eval_loss"
-  mode = config.checkpoint.best_mode
+    name = "eval_bleu" if bleu else "eval_loss"
+  mode = checkpoint_config.best_mode
   if mode == "auto":
     mode = "max" if any(k in name for k in ("bleu", "chrf", "accuracy")) else "min"
   if mode not in ("min", "max"):
@@ -122,12 +136,12 @@ def compare_configs(saved: dict[str, Any], current: dict[str, Any]
   saved / current: {"experiment": config dict, "model": TransformerConfig dict}.
   """
   fatal = []
-  # A field the checkpoint predates counts as its default (what the model
-  # did before the field existed).
-  defaults = {f.name: f.default for f in dataclasses.fields(TransformerConfig)}
-  for key in sorted(set(saved["model"]) | set(current["model"])):
-    a = saved["model"].get(key, defaults.get(key))
-    b = current["model"].get(key, defaults.get(key))
+  # Through TransformerConfig: a field the checkpoint predates gets the value
+  # the model had before the field existed.
+  saved_model = TransformerConfig.from_dict(saved["model"]).to_dict()
+  current_model = TransformerConfig.from_dict(current["model"]).to_dict()
+  for key in sorted(set(saved_model) | set(current_model)):
+    a, b = saved_model.get(key), current_model.get(key)
     if a != b:
       fatal.append(f"model.{key}: checkpoint {a!r}, config {b!r}")
   sa, ca = _structural(saved["experiment"]), _structural(current["experiment"])
@@ -227,12 +241,19 @@ logging.get_absl_logger().addFilter(_DropReadOnlyNotices())
 
 
 class Checkpointer:
-  """The run's CheckpointManager with its policies (see module docstring)."""
+  """The run's CheckpointManager with its policies (see module docstring).
 
-  def __init__(self, workdir, config=None, *, read_only: bool = False):
-    ck = config.checkpoint if config is not None else None
+  checkpoint_config: ``config.checkpoint`` (None: keep everything, save
+  synchronously); bleu: whether the run scores validation BLEU (the 'auto'
+  best metric).
+  """
+
+  def __init__(self, workdir, checkpoint_config=None, *, bleu: bool = False,
+               read_only: bool = False):
+    ck = checkpoint_config
     self.best_metric, self.best_mode = (
-        best_metric_and_mode(config) if config is not None else ("eval_loss", "min"))
+        best_metric_and_mode(ck, bleu) if ck is not None
+        else ("eval_loss", "min"))
     keep = ck.max_to_keep if ck is not None else None
     keep_best = ck.keep_best if ck is not None else 1
     metric, reverse = self.best_metric, self.best_mode == "min"
@@ -286,8 +307,31 @@ class Checkpointer:
     if data_iterator is not None:
       args[DATA] = grain.checkpoint.CheckpointSave(
           _FrozenIteratorState(data_iterator.get_state()))
-    return self.manager.save(step, args=ocp.args.Composite(**args),
-                             metrics=best, force=force)
+    with self._writing(step):
+      return self.manager.save(step, args=ocp.args.Composite(**args),
+                               metrics=best, force=force)
+
+  @contextlib.contextmanager
+  def _writing(self, step: int | None):
+    """Turns any failure of a (background) save into one CheckpointWriteError
+    naming the cause and the newest complete checkpoint."""
+    try:
+      yield
+    except CheckpointWriteError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      cause = e
+      while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__
+      text = (str(cause).strip() or repr(cause)).splitlines()[0][:300]
+      done = complete_steps(self.directory)
+      raise CheckpointWriteError(
+          f"writing a checkpoint{'' if step is None else f' of step {step}'} "
+          f"in {self.directory} failed: {type(cause).__name__}: {text}. The "
+          "newest complete checkpoint is "
+          + (f"step {done[-1]}" if done else "none")
+          + "; free space (or fix the cause) and rerun to resume from it."
+      ) from None
 
   def restore_config(self, step: int) -> dict[str, Any]:
     return self.manager.restore(
@@ -306,19 +350,29 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(**args))
     return state_from_dict(abstract_state, restored[STATE])
 
+  def reload(self):
+    """Re-reads the directory (after checkpoints were moved away)."""
+    self.manager.reload()
+
   def check_for_errors(self):
     """Raises now if an earlier async save failed.
 
     Orbax otherwise reports a failed background save only at the next save
     or ``wait``, which can be the end of a long run.
     """
-    self.manager.check_for_errors()
+    with self._writing(None):
+      self.manager.check_for_errors()
 
   def wait(self):
     self.manager.wait_until_finished()
 
   def close(self):
-    self.manager.close()
+    """Waits for a pending save, then releases the manager."""
+    try:
+      with self._writing(None):
+        self.manager.wait_until_finished()
+    finally:
+      self.manager.close()
 
 
 def check_compatible(checkpointer: Checkpointer, step: int,
@@ -337,90 +391,61 @@ def check_compatible(checkpointer: Checkpointer, step: int,
                     "; ".join(other))
 
 
-# ---------------------------------------------------------------- inference
+# ---------------------------------------------------------------- fallback
 
-def list_steps(workdir) -> list[int]:
-  """Steps with a complete checkpoint in the workdir, ascending."""
-  if not checkpoint_dir(workdir).exists():
-    return []
-  return Checkpointer(workdir, read_only=True).all_steps()
+def restore_newest(directory, steps: Sequence[int], wanted: int | None,
+                   restore) -> tuple[int, Any, list[int]]:
+  """(step, restore(step), newer steps skipped) for the step to resume from.
 
-
-def resolve_step(workdir, checkpoint: str | int = "latest") -> int:
-  """The step of "latest", "best" (by the run's best_metric) or a number."""
-  return _resolve_step(_reader(workdir), checkpoint)
-
-
-def _resolve_step(ckpt: Checkpointer, checkpoint) -> int:
-  steps = ckpt.all_steps()
-  if not steps:
-    raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-  if checkpoint == "latest":
-    return steps[-1]
-  if checkpoint == "best":
-    best = ckpt.best_step()
-    if best is None:
-      logging.warning("No checkpoint has %s; using the latest.",
-                      ckpt.best_metric)
-      return steps[-1]
-    return best
-  step = int(checkpoint)
-  if step not in steps:
-    raise FileNotFoundError(f"no checkpoint of step {step} in {ckpt.directory}"
-                            f"; steps: {steps}")
-  return step
-
-
-def _reader(workdir) -> Checkpointer:
-  ckpt = Checkpointer(workdir, read_only=True)
-  # Best-by policy of the run that wrote it, if its config is readable.
-  config_file = epath.Path(workdir) / "config.json"
-  if config_file.exists():
-    config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
-    ckpt.best_metric, ckpt.best_mode = best_metric_and_mode(config)
-  return ckpt
-
-
-def restore_params(workdir, steps: Sequence[int],
-                   device: jax.Device | None = None) -> list[Any]:
-  """Params (only) of several steps, each on one device (for averaging)."""
-  ckpt = _reader(workdir)
-  device = device or jax.local_devices()[0]
-  sharding = jax.sharding.SingleDeviceSharding(device)
-  reader = ocp.CheckpointManager(
-      ckpt.directory, options=ocp.CheckpointManagerOptions(read_only=True),
-      item_names=(STATE,), item_handlers={STATE: ocp.PyTreeCheckpointHandler()})
-  out = []
-  for step in steps:
-    record = ckpt.restore_config(step)
-    model_config = TransformerConfig.from_dict(record["model"])
-    shapes = jax.eval_shape(lambda rng: init_params(model_config, rng),
-                            jax.random.key(0))
-    target = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-        shapes)
-    restore_args = jax.tree.map(
-        lambda s: ocp.ArrayRestoreArgs(sharding=sharding), shapes)
-    restored = reader.restore(step, args=ocp.args.Composite(**{
-        STATE: ocp.args.PyTreeRestore(
-            item={"params": target}, restore_args={"params": restore_args},
-            partial_restore=True)}))
-    out.append(restored[STATE]["params"])
-  return out
-
-
-def load_for_inference(workdir, checkpoint: str | int = "latest"
-                       ) -> tuple[TransformerConfig, Any, ml_collections.ConfigDict]:
-  """(model config, params on one device, experiment config) of a checkpoint.
-
-  checkpoint: "latest", "best" (by the run's best_metric; the latest if no
-  checkpoint has it) or a step number. Only params are read, not the
-  optimizer state. The tokenizer is at ``tokenizer.model_path(workdir)``.
+  wanted: that step exactly (CheckpointNotFoundError if it is not there);
+  None: the newest step whose ``restore(step)`` succeeds, skipping (with a
+  warning naming the step and the error) those that fail. An
+  IncompatibleCheckpointError is never skipped. Nothing is deleted.
   """
-  ckpt = _reader(workdir)
-  step = _resolve_step(ckpt, checkpoint)
-  record = ckpt.restore_config(step)
-  model_config = TransformerConfig.from_dict(record["model"])
-  params = restore_params(workdir, [step])[0]
-  logging.info("Loaded params of step %d from %s", step, ckpt.directory)
-  return model_config, params, ml_collections.ConfigDict(record["experiment"])
+  if wanted is not None:
+    if wanted not in steps:
+      raise CheckpointNotFoundError(
+          f"no checkpoint of step {wanted} in {directory}; steps: "
+          f"{list(steps) or 'none'}")
+    return wanted, restore(wanted), []
+  skipped = []
+  for step in sorted(steps, reverse=True):
+    try:
+      return step, restore(step), skipped
+    except IncompatibleCheckpointError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      # Orbax raises many types for damaged files (ValueError, OSError,
+      # KeyError, tensorstore errors); each is reported, then skipped.
+      warn_skipped(step, directory, e)
+      skipped.append(step)
+  raise CheckpointNotFoundError(
+      f"none of the checkpoints in {directory} restores (steps "
+      f"{sorted(steps)}); see the warnings above for each step's error")
+
+
+def complete_steps(directory: epath.Path) -> list[int]:
+  """Steps whose checkpoint finished writing (Orbax writes under a temporary
+  name and renames a step's directory to the bare number when complete)."""
+  if not directory.exists():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir()
+                if p.name.isdigit() and p.is_dir())
+
+
+def set_aside(directory: epath.Path, step: int) -> epath.Path:
+  """Moves a damaged step out of the manager's sight (never deletes it)."""
+  target = directory.parent / "damaged_checkpoints" / str(step)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  if target.exists():
+    target = target.parent / f"{step}.{os.getpid()}"
+  (directory / str(step)).rename(target)
+  return target
+
+
+def warn_skipped(step: int, directory, error: BaseException) -> None:
+  """One line on stderr: which step was skipped and why."""
+  text = (str(error).strip() or repr(error)).splitlines()[0][:300]
+  print(f"warning: skipping checkpoint step {step} in {directory}: it does "
+        f"not restore ({type(error).__name__}: {text})", file=sys.stderr,
+        flush=True)

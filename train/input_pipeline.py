@@ -1,7 +1,8 @@
 """Input pipeline: source → tokenize → length limit → pack / pad → host batches.
 
-Entry points (`data_config` is `config.data`, see `default_data_config()`;
-`batch_size` is the *global* batch in rows, `config.batch_size`):
+Entry points (`data_config` is `config.data`, see `data_config()` in
+experiments/configs/__init__.py; `batch_size` is the *global* batch in rows,
+`config.batch_size`):
 
     tok = train_or_load_tokenizer(config.data, workdir)  # <workdir>/tokenizer/spm.model
     it = make_train_iterator(config.data, tok, config.batch_size)
@@ -10,18 +11,9 @@ Entry points (`data_config` is `config.data`, see `default_data_config()`;
     ev = make_eval_data(config.data, tok, config.batch_size)  # split = eval_split
     for batch in ev.batches(): ...      # fixed shape, last batch padded with empty rows
     ev.sources[i], ev.references[i]     # raw strings of the split, original order
-    global_batch = make_global_batch(batch, NamedSharding(mesh, P("data")))
 
-Batch keys, all np.int32 `[rows, max_len]`:
-  src, tgt              token ids; each pair ends with eos (1); pad = 0. `tgt` is
-                        not shifted: the model shifts it right itself.
-  src_segment_ids,      which packed pair a token belongs to: 1, 2, ... per row;
-  tgt_segment_ids       0 = padding.
-  src_positions,        position inside its pair, restarting at 0 per pair
-  tgt_positions         (0 on padding).
-Eval batches add `row_mask` (np.int32 `[rows]`, 1 = real row, 0 = padding
-row) and `index` (np.int32 `[rows]`: the pair's index into `ev.sources` /
-`ev.references`, -1 for padding rows).
+The batch layout (keys, segment ids, positions, eval `row_mask` / `index`) is
+documented in train/batches.py.
 
 Training: each process reads every `process_count`-th pair from
 `process_index` on (`jax.process_index()`/`jax.process_count()`), shuffles
@@ -50,48 +42,14 @@ from collections.abc import Iterator
 
 import grain
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 
 import tokenizer as tokenizer_lib
-from train import steps
+from train.batches import empty_eval_batch
 from train.datasets import sources
 
-KEYS = steps.BATCH_KEYS  # the arrays of one batch: the train step's inputs
 LONG_PAIRS = ("drop", "truncate")
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-  """`config.data` with the defaults of the offline Bible es→en run."""
-  c = ml_collections.ConfigDict()
-  # "bible_es_en", "wmt14_translate/de-en", "wmt17_translate/de-en" (any tfds
-  # name whose features are languages) or "parallel_text".
-  c.name = "bible_es_en"
-  c.source_lang = "es"  # tfds feature read as source: the direction switch
-  c.target_lang = "en"
-  c.data_dir = ""  # tfds data_dir (local or gs://); "" = tfds default
-  c.train_split = "train"
-  c.eval_split = "validation"  # model selection never uses "test"
-  c.max_len = 128  # tokens per row, eos included
-  c.long_pairs = "drop"  # training pairs longer than max_len: "drop" | "truncate"
-  c.seed = 0  # shuffling, packing and SentencePiece sampling
-  c.vocab_size = 8000  # upper bound; the tokenizer reports the real size
-  c.spm_model_type = "unigram"  # or "bpe", "char", "word"
-  c.spm_character_coverage = 1.0  # 0.9995 for large-alphabet languages
-  c.spm_max_sentences = 1_000_000  # sentences sampled to train SentencePiece
-  # parallel_text: two line-aligned files, or one source<TAB>target TSV.
-  c.train_src_file = ""
-  c.train_tgt_file = ""
-  c.train_tsv_file = ""
-  c.eval_src_file = ""
-  c.eval_tgt_file = ""
-  c.eval_tsv_file = ""
-  c.num_packing_bins = 0  # 0 = rows per host batch
-  c.read_threads = 2  # Grain threads tokenizing in parallel
-  c.prefetch_buffer_size = 64  # elements read ahead per host (Grain checks
-  # every buffered element per step: larger buffers cost CPU, not speed)
-  return c
 
 
 # --- tokenizer ---------------------------------------------------------------
@@ -256,14 +214,6 @@ def _padded(ids: np.ndarray, max_len: int) -> dict[str, np.ndarray]:
   return tokens, segment_ids, positions
 
 
-def empty_eval_batch(rows: int, max_len: int) -> dict[str, np.ndarray]:
-  """An all-padding eval batch: row_mask 0, index -1."""
-  batch = {k: np.zeros((rows, max_len), np.int32) for k in KEYS}
-  batch["row_mask"] = np.zeros(rows, np.int32)
-  batch["index"] = np.full(rows, -1, np.int32)
-  return batch
-
-
 @dataclasses.dataclass
 class EvalData:
   """One evaluation split, batched for this process, plus its raw strings.
@@ -350,7 +300,7 @@ def make_eval_data(
   )
 
 
-# --- measurements and device placement ---------------------------------------
+# --- measurements ----------------------------------------------------------------
 
 
 def pack_efficiency(batches) -> dict[str, float]:
@@ -362,23 +312,3 @@ def pack_efficiency(batches) -> dict[str, float]:
       used[side] += int(np.count_nonzero(batch[f"{side}_segment_ids"]))
     total += batch["src"].size
   return {side: n / total for side, n in used.items()}
-
-
-def make_global_batch(
-    batch: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding
-) -> dict[str, jax.Array]:
-  """Host-local numpy batch -> global jax Arrays sharded by `sharding`.
-
-  `sharding.spec` partitions the batch (first) dimension, e.g.
-  `P("data", None)` or `P(("data", "fsdp"))`; arrays with fewer dimensions
-  than the spec (eval `row_mask`, `index`: `[rows]`) use its leading entries.
-  The global batch has `rows * jax.process_count()` rows.
-  """
-
-  def put(x: np.ndarray) -> jax.Array:
-    spec = jax.sharding.PartitionSpec(*tuple(sharding.spec)[: x.ndim])
-    return jax.make_array_from_process_local_data(
-        jax.sharding.NamedSharding(sharding.mesh, spec), x
-    )
-
-  return {k: put(np.asarray(v)) for k, v in batch.items()}

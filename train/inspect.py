@@ -24,7 +24,7 @@ import numpy as np
 from absl import flags
 
 import tokenizer as tokenizer_lib
-from train import evaluate
+from train import cli, inference
 
 SPECIAL_IDS = (tokenizer_lib.PAD_ID, tokenizer_lib.EOS_ID, tokenizer_lib.UNK_ID)
 
@@ -84,21 +84,20 @@ def nearest(embeddings: np.ndarray, tok: tokenizer_lib.Tokenizer, word: str,
 
 def _define_flags(fv: flags.FlagValues):
   d = dict(flag_values=fv)
-  flags.DEFINE_string("workdir", None, "The training run's directory.", **d)
+  cli.define_model_flags(fv)
   flags.DEFINE_string("nearest", None, "The word to look up.", **d)
   flags.DEFINE_integer("k", 10, "How many neighbours.", **d)
-  flags.DEFINE_string("checkpoint", "latest", "latest, best or a step.", **d)
   flags.DEFINE_enum("table", "auto", ["auto", "source", "target"],
                     "Which embedding table (auto: the shared one).", **d)
 
 
 def main(argv: Sequence[str]) -> int:
-  f = evaluate.parse_flags(_define_flags, argv, __doc__)
-  if not f.workdir or f.nearest is None:
-    print("error: --workdir and --nearest are required", file=sys.stderr)
-    return 2
-  loaded = evaluate.load_params(f.workdir,
-                                evaluate.parse_checkpoint(f.checkpoint))
+  f = cli.parse_flags(_define_flags, argv, __doc__)
+  if f.nearest is None:
+    raise cli.UsageError("--nearest is required: the word to look up")
+  if f.k < 1:
+    raise cli.UsageError(f"--k={f.k}: ask for at least 1 neighbour")
+  loaded = inference.load(*cli.model_choice(f))
   embeddings = embedding_table(loaded.params, f.table)
   try:
     pieces, neighbours = nearest(embeddings, loaded.tokenizer, f.nearest, f.k)
@@ -116,4 +115,4 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main(sys.argv))
+  sys.exit(cli.run_command(main, sys.argv))

@@ -48,15 +48,6 @@ class MetricWriter:
                                   **clean}) + "\n")
     self._jsonl.flush()
 
-  def write_text(self, step: int, key: str, text: str) -> None:
-    if self.enabled:
-      self._tb.add_text(key, text, step)
-
-  def flush(self) -> None:
-    if self.enabled:
-      self._tb.flush()
-      self._jsonl.flush()
-
   def close(self) -> None:
     if self.enabled:
       self._tb.close()

@@ -6,7 +6,7 @@ One train step (``train/steps.py``) runs in one of two modes, chosen by
 * ``"jit"`` (default): ``jax.jit`` with ``NamedSharding`` in/out shardings on a
   ``Mesh`` with axes ``data``, ``fsdp``, ``tensor`` (what ``pjit`` became).
   Params and optimizer state are laid out by ``config.logical_axis_rules``
-  (the model's logical names -> mesh axes, see ``model.DEFAULT_LOGICAL_AXIS_RULES``);
+  (the model's logical names -> mesh axes, a table in the experiment config);
   the batch is split over ``data`` x ``fsdp``; the state buffers are donated.
 * ``"pmap"``: plain data parallelism, ``jax.pmap`` over all local devices, the
   state replicated, gradients summed with ``lax.psum`` of per-device losses
@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from train import input_pipeline
 from train import steps as steps_lib
+from train.batches import BATCH_KEYS
 
 MESH_AXES = ("data", "fsdp", "tensor")
 PMAP_AXIS = "batch"
@@ -43,26 +43,25 @@ _distributed_initialized = False
 
 # ---------------------------------------------------------------- hosts
 
-def maybe_initialize_distributed(config) -> None:
-  """``jax.distributed.initialize`` when ``config.distributed.enabled``.
+def maybe_initialize_distributed(dist) -> None:
+  """``jax.distributed.initialize`` when ``dist.enabled`` (``config.distributed``).
 
   Fields: coordinator_address ("" = auto-detect, e.g. on a TPU VM slice),
   num_processes, process_id (-1 = auto), cpu_collectives ("gloo" for CPU
   multi-process). Call before anything touches a device.
   """
   global _distributed_initialized
-  dist = config.get("distributed")
-  if not dist or not dist.get("enabled", False) or _distributed_initialized:
+  if not dist.enabled or _distributed_initialized:
     return
-  if dist.get("cpu_collectives"):
+  if dist.cpu_collectives:
     jax.config.update("jax_cpu_collectives_implementation",
                       dist.cpu_collectives)
   kwargs = {}
-  if dist.get("coordinator_address"):
+  if dist.coordinator_address:
     kwargs["coordinator_address"] = dist.coordinator_address
-  if dist.get("num_processes", -1) > 0:
+  if dist.num_processes > 0:
     kwargs["num_processes"] = dist.num_processes
-  if dist.get("process_id", -1) >= 0:
+  if dist.process_id >= 0:
     kwargs["process_id"] = dist.process_id
   jax.distributed.initialize(**kwargs)
   _distributed_initialized = True
@@ -103,10 +102,11 @@ def create_mesh(mesh_config, devices: Sequence[jax.Device] | None = None
                        devices=devices)
 
 
-def logical_rules(config) -> tuple[tuple[str, Any], ...]:
-  """config.logical_axis_rules as the tuple-of-pairs flax expects."""
+def logical_rules(table) -> tuple[tuple[str, Any], ...]:
+  """config.logical_axis_rules (lists from JSON or the command line) as the
+  tuple of pairs flax expects."""
   rules = []
-  for name, target in config.logical_axis_rules:
+  for name, target in table:
     if isinstance(target, list):
       target = tuple(target)
     rules.append((name, target))
@@ -125,6 +125,22 @@ def state_shardings(abstract_boxed, mesh: Mesh, rules):
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
+def make_global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding
+                      ) -> dict[str, jax.Array]:
+  """Host-local numpy batch -> global jax Arrays sharded by ``sharding``.
+
+  ``sharding.spec`` partitions the batch (first) dimension, e.g.
+  ``P("data", None)`` or ``P(("data", "fsdp"))``; arrays with fewer dimensions
+  than the spec (eval ``row_mask``, ``index``: ``[rows]``) use its leading
+  entries. The global batch has ``rows * jax.process_count()`` rows.
+  """
+  def put(x: np.ndarray) -> jax.Array:
+    spec = P(*tuple(sharding.spec)[:x.ndim])
+    return jax.make_array_from_process_local_data(
+        NamedSharding(sharding.mesh, spec), x)
+  return {k: put(np.asarray(v)) for k, v in batch.items()}
+
+
 def with_shardings(abstract, shardings):
   """ShapeDtypeStructs carrying shardings: an Orbax restore target."""
   return jax.tree.map(
@@ -139,37 +155,33 @@ class Runner:
 
   init_state(rng) -> state; train_step(state, batch, rng) -> (state, metrics);
   eval_step(params, batch) -> sums; place_batch(numpy batch) -> device
-  batch; state_for_checkpoint(state) / abstract_state() for Orbax.
+  batch; state_for_checkpoint(state) / abstract_state() for Orbax;
+  host_params(params) -> params one host-side computation (decoding) can use.
   Metrics come back as device scalars; ``jax.device_get`` them when needed.
   """
 
-  def __init__(self, config, model_config, global_batch_size: int,
-               max_len: int, devices: Sequence[jax.Device] | None = None):
-    self.config = config
-    self.model_config = model_config
-    self.parts = steps_lib.build(config, model_config)
+  def __init__(self, parts: dict[str, Any], global_batch_size: int,
+               devices: Sequence[jax.Device] | None = None):
+    self.parts = parts  # steps.build(...)
     self.global_batch_size = global_batch_size
-    self.max_len = max_len
     self.devices = list(devices) if devices is not None else jax.devices()
 
   # shapes of a fresh state, logical boxes kept
   def _abstract_boxed(self):
-    batch = steps_lib.example_batch(1, 8)
     return jax.eval_shape(
         lambda rng: steps_lib.create_train_state(
-            self.parts["model"], self.parts["tx"], rng, batch, boxed=True),
+            self.parts["model"], self.parts["tx"], rng, boxed=True),
         jax.random.key(0))
 
 
 class JitRunner(Runner):
   """jax.jit with NamedShardings over a (data, fsdp, tensor) mesh."""
 
-  def __init__(self, config, model_config, global_batch_size, max_len,
+  def __init__(self, parts, global_batch_size, mesh_config, rules,
                devices=None):
-    super().__init__(config, model_config, global_batch_size, max_len,
-                     devices)
-    self.mesh = create_mesh(config.mesh, self.devices)
-    self.rules = logical_rules(config)
+    super().__init__(parts, global_batch_size, devices)
+    self.mesh = create_mesh(mesh_config, self.devices)
+    self.rules = logical_rules(rules)
     boxed = self._abstract_boxed()
     self.shardings = state_shardings(boxed, self.mesh, self.rules)
     self._abstract = nn.unbox(boxed)
@@ -181,13 +193,11 @@ class JitRunner(Runner):
           f"global batch size {global_batch_size} is not divisible by the "
           f"{n_batch} batch shards of mesh {dict(self.mesh.shape)}")
     replicated = NamedSharding(self.mesh, P())
-    self.replicated = replicated
-    example = steps_lib.example_batch(1, 8)
     model, tx = self.parts["model"], self.parts["tx"]
     self._init = jax.jit(
-        lambda rng: steps_lib.create_train_state(model, tx, rng, example),
+        lambda rng: steps_lib.create_train_state(model, tx, rng),
         out_shardings=self.shardings)
-    batch_sh = {k: self.batch_sharding for k in steps_lib.BATCH_KEYS}
+    batch_sh = {k: self.batch_sharding for k in BATCH_KEYS}
     self._train = jax.jit(self.parts["train_step"],
                           in_shardings=(self.shardings, batch_sh, replicated),
                           out_shardings=(self.shardings, replicated),
@@ -212,8 +222,8 @@ class JitRunner(Runner):
 
   def place_batch(self, batch: dict[str, np.ndarray]):
     """Host-local rows -> global arrays sharded over the batch axes."""
-    return input_pipeline.make_global_batch(
-        {k: batch[k] for k in steps_lib.BATCH_KEYS}, self.batch_sharding)
+    return make_global_batch({k: batch[k] for k in BATCH_KEYS},
+                             self.batch_sharding)
 
   def train_step(self, state, batch, rng):
     with self._context():
@@ -233,14 +243,15 @@ class JitRunner(Runner):
   def state_from_checkpoint(self, state):
     return state
 
+  def host_params(self, params):
+    return params
+
 
 class PmapRunner(Runner):
   """jax.pmap over local devices, state replicated, batch split."""
 
-  def __init__(self, config, model_config, global_batch_size, max_len,
-               devices=None):
-    super().__init__(config, model_config, global_batch_size, max_len,
-                     devices)
+  def __init__(self, parts, global_batch_size, devices=None):
+    super().__init__(parts, global_batch_size, devices)
     if jax.process_count() > 1:
       # A pmap given only this host's devices would reduce gradients within
       # the host alone and the hosts' models would drift apart.
@@ -276,9 +287,8 @@ class PmapRunner(Runner):
     return jax.tree.map(put, tree)
 
   def init_state(self, rng):
-    example = steps_lib.example_batch(1, 8)
     state = jax.jit(lambda r: steps_lib.create_train_state(
-        self.parts["model"], self.parts["tx"], r, example))(rng)
+        self.parts["model"], self.parts["tx"], r))(rng)
     return self._replicate(state)
 
   def place_state(self, state):
@@ -286,7 +296,7 @@ class PmapRunner(Runner):
 
   def place_batch(self, batch):
     return {k: np.asarray(batch[k]).reshape(self.n, -1, *batch[k].shape[1:])
-            for k in steps_lib.BATCH_KEYS}
+            for k in BATCH_KEYS}
 
   def train_step(self, state, batch, rng):
     state, metrics = self._train(state, batch, rng)
@@ -305,18 +315,26 @@ class PmapRunner(Runner):
   def state_from_checkpoint(self, state):
     return self._replicate(state)
 
-  def unreplicate(self, tree):
-    return jax.tree.map(lambda x: x[0], tree)
+  def host_params(self, params):
+    """The first device's replica (all replicas are equal)."""
+    return jax.tree.map(lambda x: x[0], params)
 
 
-def make_runner(config, model_config, global_batch_size: int, max_len: int,
+def make_runner(parts: dict[str, Any], global_batch_size: int, *,
+                parallelism: str = "jit", mesh_config=None, rules=(),
                 devices=None) -> Runner:
-  mode = config.get("parallelism", "jit")
-  if mode == "jit":
-    return JitRunner(config, model_config, global_batch_size, max_len, devices)
-  if mode == "pmap":
-    return PmapRunner(config, model_config, global_batch_size, max_len, devices)
-  raise ValueError(f"config.parallelism={mode!r}; choose 'jit' or 'pmap'")
+  """The runner of ``config.parallelism`` for ``steps.build(...)``'s parts.
+
+  mesh_config (``config.mesh``) and rules (``config.logical_axis_rules``)
+  lay out the jit mode; pmap replicates.
+  """
+  if parallelism == "jit":
+    mesh_config = mesh_config or {"data": -1}
+    return JitRunner(parts, global_batch_size, mesh_config, rules, devices)
+  if parallelism == "pmap":
+    return PmapRunner(parts, global_batch_size, devices)
+  raise ValueError(f"config.parallelism={parallelism!r}; choose 'jit' or "
+                   "'pmap'")
 
 
 def _axes(entry) -> tuple[str, ...]:

@@ -38,10 +38,9 @@ import numpy as np
 import optax
 
 from model import PAD_ID, Transformer, TransformerConfig
+from train.batches import example_batch
 
-Batch = dict[str, jax.Array]
-BATCH_KEYS = ("src", "tgt", "src_segment_ids", "tgt_segment_ids",
-              "src_positions", "tgt_positions")
+Batch = dict[str, jax.Array]  # the layout of train/batches.py
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -85,7 +84,7 @@ def make_optimizer(opt_config, d_model: int
   parts = []
   if opt_config.grad_clip_norm and opt_config.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(opt_config.grad_clip_norm))
-  if opt_config.get("weight_decay", 0.0):
+  if opt_config.weight_decay > 0:
     parts.append(optax.adamw(schedule, b1=opt_config.adam_b1,
                              b2=opt_config.adam_b2, eps=opt_config.adam_eps,
                              weight_decay=opt_config.weight_decay))
@@ -221,31 +220,29 @@ def eval_step(params, batch: Batch, *, model: Transformer,
 # ---------------------------------------------------------------- building
 
 def create_train_state(model: Transformer, tx: optax.GradientTransformation,
-                       rng: jax.Array, example_batch: Batch,
-                       boxed: bool = False) -> TrainState:
+                       rng: jax.Array, boxed: bool = False) -> TrainState:
   """Fresh state. boxed=True keeps the logical-axis boxes (for eval_shape)."""
-  variables = model.init(rng, example_batch["src"], example_batch["tgt"])
+  shapes = example_batch()
+  variables = model.init(rng, shapes["src"], shapes["tgt"])
   params = variables["params"]
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                      opt_state=tx.init(params))
   return state if boxed else nn.unbox(state)
 
 
-def build(config, model_config: TransformerConfig) -> dict[str, Any]:
-  """The model, optimiser and the two step functions bound to them."""
+def build(model_config: TransformerConfig, opt_config, label_smoothing: float
+          ) -> dict[str, Any]:
+  """The model, optimiser and the two step functions bound to them.
+
+  opt_config: ``config.optimizer`` (see ``make_optimizer``).
+  """
   model = Transformer(model_config)
-  tx, schedule = make_optimizer(config.optimizer, model_config.d_model)
-  accum = max(1, int(config.optimizer.grad_accum_steps))
+  tx, schedule = make_optimizer(opt_config, model_config.d_model)
+  accum = max(1, int(opt_config.grad_accum_steps))
   step = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                           label_smoothing=config.label_smoothing,
+                           label_smoothing=label_smoothing,
                            grad_accum_steps=accum)
   evaluate = functools.partial(eval_step, model=model,
-                               label_smoothing=config.label_smoothing)
+                               label_smoothing=label_smoothing)
   return {"model": model, "tx": tx, "schedule": schedule,
           "train_step": step, "eval_step": evaluate}
-
-
-def example_batch(batch_size: int, max_len: int) -> Batch:
-  """Shapes-only batch for init / eval_shape."""
-  ones = jnp.ones((batch_size, max_len), jnp.int32)
-  return {k: ones for k in BATCH_KEYS}

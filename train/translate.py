@@ -11,7 +11,9 @@ length-bucketed batches). An empty line gives an empty line. A line longer
 than --max_input_tokens (default: the run's data.max_len) is truncated, with a
 warning on stderr naming its line number. Input that is not UTF-8 stops the
 program before anything is translated, naming the line; exit status 1.
-Exit status 0 on success, 2 on a usage error.
+Exit status 0 on success, 2 on a usage error (a bad flag, a workdir without
+checkpoints, an unreadable --input: one line on stderr, before the model
+loads).
 
 --attention_png (one sentence): heat maps of the encoder-decoder and encoder
 self-attention of --attention_layer, one panel per head plus their mean,
@@ -28,8 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from model import EOS_ID, attention_weights, decoding
-from train import attention_plot, evaluate
+from model import EOS_ID, attention_weights
+from train import attention_plot, cli, inference
+from train.translation import translate_texts
 
 
 class InputError(ValueError):
@@ -52,23 +55,10 @@ def read_lines(stream: BinaryIO) -> list[str]:
 
 
 def _define_flags(fv: flags.FlagValues):
+  cli.define_model_flags(fv)
+  cli.define_decode_flags(fv)
   d = dict(flag_values=fv)
-  flags.DEFINE_string("workdir", None, "The training run's directory.", **d)
   flags.DEFINE_string("input", None, "Source file (default: stdin).", **d)
-  flags.DEFINE_string("checkpoint", "latest", "latest, best or a step.", **d)
-  flags.DEFINE_integer("average_last", 0, "Average the last N checkpoints.",
-                       **d)
-  flags.DEFINE_enum("decoding", "beam", list(evaluate.METHODS), "Search.", **d)
-  flags.DEFINE_integer("beam_size", 4, "Beam width.", **d)
-  flags.DEFINE_float("alpha", 0.6, "GNMT length penalty exponent.", **d)
-  flags.DEFINE_integer("max_extra_len", 50, "Output tokens allowed beyond "
-                       "the source length.", **d)
-  flags.DEFINE_float("temperature", 1.0, "Sampling temperature (> 0).", **d)
-  flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens "
-                       "(0: all).", **d)
-  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: all).", **d)
-  flags.DEFINE_integer("seed", 0, "Sampling seed.", **d)
-  flags.DEFINE_integer("batch_size", 64, "Sentences per batch.", **d)
   flags.DEFINE_integer("max_input_tokens", None, "Longer inputs are "
                        "truncated (default: the run's data.max_len).", **d)
   flags.DEFINE_string("attention_png", None, "Write attention heat maps of "
@@ -83,21 +73,16 @@ def _warn(stderr: TextIO, message: str):
 def run(argv: Sequence[str], stdin: BinaryIO, stdout: TextIO,
         stderr: TextIO) -> int:
   """The whole program on explicit streams; returns the exit status."""
-  f = evaluate.parse_flags(_define_flags, argv, __doc__)
-  if not f.workdir:
-    print("error: --workdir is required", file=stderr)
-    return 2
   try:
-    options = evaluate.DecodeOptions(
-        method=f.decoding, beam_size=f.beam_size, alpha=f.alpha,
-        max_extra_len=f.max_extra_len, temperature=f.temperature,
-        top_k=f.top_k, top_p=f.top_p, seed=f.seed, batch_size=f.batch_size)
-    if f.decoding == "sample":
-      decoding.filter_logits(jnp.zeros(3), f.temperature, f.top_k,
-                                      f.top_p)
-  except ValueError as e:
+    f = cli.parse_flags(_define_flags, argv, __doc__)
+    workdir, checkpoint, average_last = cli.model_choice(f)
+    options = cli.decode_options(f)
+    if f.max_input_tokens is not None and f.max_input_tokens < 2:
+      raise cli.UsageError(f"--max_input_tokens={f.max_input_tokens}: use at "
+                           "least 2 (one token and eos)")
+  except cli.UsageError as e:
     print(f"error: {e}", file=stderr)
-    return 2
+    return cli.USAGE_EXIT
 
   # Read and check all the input before loading anything.
   try:
@@ -110,21 +95,20 @@ def run(argv: Sequence[str], stdin: BinaryIO, stdout: TextIO,
     print(f"error: {f.input or '<stdin>'}: {e}", file=stderr)
     return 1
   except OSError as e:
-    print(f"error: cannot read --input: {e}", file=stderr)
-    return 1
+    print(f"error: --input={f.input}: cannot read it ({e.strerror or e})",
+          file=stderr)
+    return cli.USAGE_EXIT
   if f.attention_png and sum(bool(line.strip()) for line in lines) != 1:
     print("error: --attention_png needs exactly one (non-empty) input "
           f"sentence, got {sum(bool(l.strip()) for l in lines)}", file=stderr)
     return 2
 
-  loaded = evaluate.load_params(f.workdir,
-                                evaluate.parse_checkpoint(f.checkpoint),
-                                f.average_last)
+  loaded = inference.load(workdir, checkpoint, average_last)
   cfg, tok = loaded.model_config, loaded.tokenizer
   max_tokens = (f.max_input_tokens or
                 loaded.experiment_config.get("data", {}).get("max_len") or
                 cfg.max_len)
-  translations, sources, outputs = evaluate.translate_texts(
+  translations, sources, outputs = translate_texts(
       cfg, loaded.params, tok, lines, options, max_tokens,
       on_truncate=lambda i, n: _warn(
           stderr, f"line {i + 1}: {n} tokens (eos included), truncated to "

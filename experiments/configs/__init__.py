@@ -8,27 +8,78 @@ holds field overrides (``vocab_size`` is always set from the tokenizer at
 train time). Load one with
 ``python -m train --config=experiments/configs/<name>.py --workdir=...`` and
 override any field with ``--config.<field>=<value>``.
-"""
-import dataclasses
 
+Configs are data: this package imports only ml_collections (the model's
+field names and logical axis names appear here as plain strings; the config
+test checks them against the model).
+"""
 import ml_collections
 
-from model import DEFAULT_LOGICAL_AXIS_RULES, TransformerConfig
-from train import input_pipeline
+# Every TransformerConfig field (model/config.py) and its type: each gets a
+# placeholder in ``config.model`` (None = the preset's value), so any of them
+# can be set from the command line, e.g. --config.model.d_ff=512.
+MODEL_FIELDS = dict(
+    vocab_size=int, target_vocab_size=int, share_embeddings=bool,
+    tie_output_embedding=bool, d_model=int, num_heads=int, d_ff=int,
+    num_encoder_layers=int, num_decoder_layers=int, dropout_rate=float,
+    attention_dropout_rate=float, max_len=int, dtype=str, pre_ln=bool,
+    layer_norm_epsilon=float, dropout_impl=str, attention_bias=bool)
 
-
-_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+# Logical axis names of the model's params and activations -> mesh axes
+# (data, fsdp, tensor): batch over data x fsdp, parameters fully sharded over
+# fsdp, heads / d_ff / vocabulary over tensor (Megatron-style).
+LOGICAL_AXIS_RULES = (
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+)
 
 
 def model_overrides(**values) -> ml_collections.ConfigDict:
-  """One typed placeholder (None = the preset's value) per TransformerConfig
-  field, so any of them can be set from the command line."""
-  fields = {}
-  for field in dataclasses.fields(TransformerConfig):
-    kind = _TYPES[str(field.type).split("|")[0].strip()]
-    fields[field.name] = ml_collections.config_dict.placeholder(kind)
-  c = ml_collections.ConfigDict(fields)
+  """One typed placeholder (None = the preset's value) per model field."""
+  c = ml_collections.ConfigDict({
+      name: ml_collections.config_dict.placeholder(kind)
+      for name, kind in MODEL_FIELDS.items()})
   c.update(values)
+  return c
+
+
+def data_config() -> ml_collections.ConfigDict:
+  """`config.data` (train/input_pipeline.py): the offline Bible es→en defaults."""
+  c = ml_collections.ConfigDict()
+  # "bible_es_en", "wmt14_translate/de-en", "wmt17_translate/de-en" (any tfds
+  # name whose features are languages) or "parallel_text".
+  c.name = "bible_es_en"
+  c.source_lang = "es"  # tfds feature read as source: the direction switch
+  c.target_lang = "en"
+  c.data_dir = ""  # tfds data_dir (local or gs://); "" = tfds default
+  c.train_split = "train"
+  c.eval_split = "validation"  # model selection never uses "test"
+  c.max_len = 128  # tokens per row, eos included
+  c.long_pairs = "drop"  # training pairs longer than max_len: "drop" | "truncate"
+  c.seed = 0  # shuffling, packing and SentencePiece sampling
+  c.vocab_size = 8000  # upper bound; the tokenizer reports the real size
+  c.spm_model_type = "unigram"  # or "bpe", "char", "word"
+  c.spm_character_coverage = 1.0  # 0.9995 for large-alphabet languages
+  c.spm_max_sentences = 1_000_000  # sentences sampled to train SentencePiece
+  # parallel_text: two line-aligned files, or one source<TAB>target TSV.
+  c.train_src_file = ""
+  c.train_tgt_file = ""
+  c.train_tsv_file = ""
+  c.eval_src_file = ""
+  c.eval_tgt_file = ""
+  c.eval_tsv_file = ""
+  c.num_packing_bins = 0  # 0 = rows per host batch
+  c.read_threads = 2  # Grain threads tokenizing in parallel
+  c.prefetch_buffer_size = 64  # elements read ahead per host (Grain checks
+  # every buffered element per step: larger buffers cost CPU, not speed)
   return c
 
 
@@ -42,7 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = model_overrides()
 
   # Data: train/input_pipeline.py's config (dataset, tokenizer, max_len ...).
-  c.data = input_pipeline.default_data_config()
+  c.data = data_config()
   c.batch_size = 64               # global rows per step (packed pairs)
   # Deterministic random batches of the same format instead of the corpus:
   # for tests and throughput checks only.
@@ -68,9 +119,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.eval_every_steps = 1000
   c.num_eval_batches = -1          # -1: the whole validation split
-  c.eval_bleu_every_steps = 0      # 0 = off; needs train/evaluate.py
+  c.eval_bleu_every_steps = 0      # 0 = off
   c.eval_bleu_num_batches = 8      # eval batches decoded (from the start)
-  c.eval_bleu_beam_size = 4        # 1 = greedy (train/evaluate.py)
+  c.eval_bleu_beam_size = 4        # 1 = greedy
   c.eval_bleu_alpha = 0.6
   c.eval_bleu_max_extra_len = 50
   c.checkpoint_every_steps = 1000
@@ -86,7 +137,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Placement (train/sharding.py).
   c.parallelism = "jit"            # 'jit' (mesh) | 'pmap' (data parallel)
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  c.logical_axis_rules = [list(r) for r in DEFAULT_LOGICAL_AXIS_RULES]
+  c.logical_axis_rules = [list(r) for r in LOGICAL_AXIS_RULES]
   c.distributed = ml_collections.ConfigDict(dict(
       enabled=False, coordinator_address="", num_processes=-1,
       process_id=-1, cpu_collectives=""))

@@ -1,6 +1,6 @@
 """Training-step benchmark: steps/s, target tokens/s, FLOPs, MFU, compile time, peak RSS.
 
-    python -m benchmarks.train [--presets tiny,small,base] [--max_lens 64,128,256]
+    python -m benchmarks.training [--presets tiny,small,base] [--max_lens 64,128,256]
         [--tokens_per_step 0] [--steps 0] [--dtype float32]
         [--prng default|threefry2x32|rbg|unsafe_rbg] [--peak_gflops 0]
 
@@ -56,11 +56,11 @@ def synthetic_batch(rows: int, max_len: int, vocab_size: int, seed: int = 0
 
   Pair lengths are drawn so that a row holds a few pairs (target about as long
   as the source), the tail of a row that fits no more pairs is padding (0).
-  Not ``train.trainer.SyntheticBatches``: that learnable copy task holds two
+  Not ``train.batches.SyntheticBatches``: that learnable copy task holds two
   pairs a row, about half full; timing wants rows as full as packing makes
   them (~0.93 on bible_es_en).
   """
-  from train.steps import BATCH_KEYS  # pylint: disable=import-outside-toplevel
+  from train.batches import BATCH_KEYS  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(seed)
   out = {k: np.zeros((rows, max_len), np.int32) for k in BATCH_KEYS}
   for r in range(rows):
@@ -125,25 +125,21 @@ def build(preset: str, max_len: int, tokens_per_step: int, dtype: str,
   """
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import ml_collections  # pylint: disable=import-outside-toplevel
 
+  from experiments.configs import base_config  # pylint: disable=import-outside-toplevel
   from model import TransformerConfig  # pylint: disable=import-outside-toplevel
   from train import steps as steps_lib  # pylint: disable=import-outside-toplevel
 
   model_config = TransformerConfig.preset(
       preset, max_len=max(max_len, 8), dtype=dtype, **(model_overrides or {}))
-  # The fields of experiments/configs.base_config() that train.steps.build reads.
-  config = ml_collections.ConfigDict(dict(
-      label_smoothing=0.1,
-      optimizer=dict(learning_rate_scale=1.0, warmup_steps=4000, adam_b1=0.9,
-                     adam_b2=0.98, adam_eps=1e-9, grad_clip_norm=0.0,
-                     grad_accum_steps=1, weight_decay=0.0)))
-  parts = steps_lib.build(config, model_config)
+  config = base_config()  # the paper's optimiser and label smoothing
+  parts = steps_lib.build(model_config, config.optimizer,
+                          config.label_smoothing)
   rows = max(1, tokens_per_step // max_len)
   batch = {k: jnp.asarray(v) for k, v in synthetic_batch(
       rows, max_len, model_config.vocab_size).items()}
   state = jax.jit(lambda r: steps_lib.create_train_state(
-      parts["model"], parts["tx"], r, batch))(jax.random.key(0))
+      parts["model"], parts["tx"], r))(jax.random.key(0))
   return model_config, rows, parts["train_step"], state, batch, jax.random.key(1)
 
 
@@ -255,7 +251,7 @@ def run(presets=("tiny", "small", "base"), max_lens=(64, 128, 256),
                   model_overrides=model_overrides)
       load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
       proc = subprocess.run(
-          [sys.executable, "-m", "benchmarks.train", "--one", json.dumps(args)],
+          [sys.executable, "-m", "benchmarks.training", "--one", json.dumps(args)],
           capture_output=True, text=True, check=False)
       if proc.returncode:
         sys.stderr.write(proc.stderr[-3000:])

@@ -1,0 +1,117 @@
+"""What the commands share: their flags, parsing, and usage errors.
+
+``train.evaluate``, ``train.translate``, ``train.inspect`` and
+``train.export`` define their flags on a private ``FlagValues`` (no clash
+between modules), parse with ``parse_flags`` and report a usage mistake with
+``UsageError``: one or two lines on stderr naming the flag, the value and
+what to do, exit status 2, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Sequence
+
+from absl import flags
+
+from train import inference
+from train.translation import METHODS, DecodeOptions
+
+USAGE_EXIT = 2
+
+
+class UsageError(ValueError):
+  """A usage mistake; the message names the flag and what to do."""
+
+
+def parse_flags(define: Callable[[flags.FlagValues], None],
+                argv: Sequence[str], usage: str) -> flags.FlagValues:
+  """Parses argv with a private FlagValues that define(fv) fills.
+
+  Prints help and exits 0 on --help; raises UsageError on a bad flag or a
+  stray argument.
+  """
+  fv = flags.FlagValues()
+  define(fv)
+  if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
+    print(usage.strip() + "\n\n" + fv.get_help())
+    raise SystemExit(0)
+  try:
+    rest = fv(list(argv))
+  except flags.Error as e:
+    raise UsageError(f"{e} (see --help)") from None
+  if len(rest) > 1:
+    raise UsageError(f"unexpected arguments {rest[1:]} (flags are "
+                     "--name=value; see --help)")
+  return fv
+
+
+def run_command(main: Callable[[Sequence[str]], int], argv: Sequence[str]
+                ) -> int:
+  """main(argv) with a UsageError turned into one line and exit status 2."""
+  try:
+    return main(argv)
+  except UsageError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return USAGE_EXIT
+
+
+def define_model_flags(fv: flags.FlagValues) -> None:
+  """--workdir, --checkpoint, --average_last: which trained model."""
+  d = dict(flag_values=fv)
+  flags.DEFINE_string("workdir", None, "The training run's directory.", **d)
+  flags.DEFINE_string("checkpoint", "latest", "latest (the newest that "
+                      "restores), best (by validation) or a step number.", **d)
+  flags.DEFINE_integer("average_last", 0, "Average the params of the last N "
+                       "checkpoints up to --checkpoint; 0 or 1: no averaging.",
+                       **d)
+
+
+def define_decode_flags(fv: flags.FlagValues, methods=METHODS) -> None:
+  """The search and its knobs (see train.translation.DecodeOptions)."""
+  d = dict(flag_values=fv)
+  flags.DEFINE_enum("decoding", "beam", list(methods), "Search.", **d)
+  flags.DEFINE_integer("beam_size", 4, "Beam width.", **d)
+  flags.DEFINE_float("alpha", 0.6, "GNMT length penalty exponent (>= 0).", **d)
+  flags.DEFINE_integer("max_extra_len", 50, "Output tokens allowed beyond the "
+                       "source length.", **d)
+  flags.DEFINE_integer("batch_size", 64, "Sentences per decoding batch.", **d)
+  if "sample" in methods:
+    flags.DEFINE_float("temperature", 1.0, "Sampling temperature (> 0).", **d)
+    flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens "
+                         "(0: all).", **d)
+    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: all).", **d)
+    flags.DEFINE_integer("seed", 0, "Sampling seed.", **d)
+
+
+def model_choice(f: flags.FlagValues) -> tuple[str, str | int, int]:
+  """(workdir, checkpoint, average_last), checked before anything loads.
+
+  UsageError when --workdir is missing, is not a trained run's directory,
+  holds no checkpoint of the asked step, or --average_last is negative.
+  """
+  if not f.workdir:
+    raise UsageError("--workdir is required: the directory of a training run")
+  try:
+    checkpoint = inference.parse_checkpoint(f.checkpoint)
+    steps = inference.check_workdir(f.workdir)
+  except (ValueError, FileNotFoundError) as e:
+    raise UsageError(str(e)) from None
+  if isinstance(checkpoint, int) and checkpoint not in steps:
+    raise UsageError(f"--checkpoint={checkpoint}: no checkpoint of that step "
+                     f"in {f.workdir}; steps: {steps}")
+  if f.average_last < 0:
+    raise UsageError(f"--average_last={f.average_last}: use a count >= 0")
+  return f.workdir, checkpoint, f.average_last
+
+
+def decode_options(f: flags.FlagValues) -> DecodeOptions:
+  """DecodeOptions from the decode flags; UsageError on an impossible value."""
+  sampling = {k: f[k].value for k in ("temperature", "top_k", "top_p", "seed")
+              if k in f}
+  try:
+    return DecodeOptions(method=f.decoding, beam_size=f.beam_size,
+                         alpha=f.alpha, max_extra_len=f.max_extra_len,
+                         batch_size=f.batch_size, **sampling)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
