@@ -217,16 +217,11 @@ def run_one(preset: str, max_len: int, tokens_per_step: int, steps: int,
 
 # ---------------------------------------------------------------- driver
 
-def default_steps(preset: str, max_len: int) -> int:  # pylint: disable=unused-argument
-  """Fewer timed steps where a step takes seconds, so the default run stays
-  within a few minutes."""
-  return {"tiny": 20, "small": 8, "base": 3}.get(preset, 3)
-
-
-def default_tokens_per_step(preset: str) -> int:  # pylint: disable=unused-argument
-  """16 rows x 128 = 2048 positions, the batch of
-  experiments/configs/bible_es_en.py (the CPU experiment), for every preset."""
-  return 2048
+# Timed steps per preset: fewer where a step takes seconds, so the default run
+# stays within a few minutes. Every preset gets 16 rows x 128 = 2048
+# positions a step, the batch of experiments/configs/bible_es_en.py.
+DEFAULT_STEPS = {"tiny": 20, "small": 8, "base": 3}
+DEFAULT_TOKENS_PER_STEP = 2048
 
 
 def run(presets=("tiny", "small", "base"), max_lens=(64, 128, 256),
@@ -244,9 +239,8 @@ def run(presets=("tiny", "small", "base"), max_lens=(64, 128, 256),
   for preset in presets:
     for max_len in max_lens:
       args = dict(preset=preset, max_len=max_len,
-                  tokens_per_step=(tokens_per_step
-                                   or default_tokens_per_step(preset)),
-                  steps=steps or default_steps(preset, max_len), dtype=dtype,
+                  tokens_per_step=tokens_per_step or DEFAULT_TOKENS_PER_STEP,
+                  steps=steps or DEFAULT_STEPS.get(preset, 3), dtype=dtype,
                   prng=prng, peak_gflops=peak_gflops,
                   model_overrides=model_overrides)
       load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None

@@ -55,6 +55,13 @@ class Tokenizer:
     encoded = self._sp.encode(list(texts), out_type=int, add_eos=True)
     return [np.asarray(ids, dtype=np.int32) for ids in encoded]
 
+  def unknown_characters(self, text: str) -> list[str]:
+    """The characters of `text` that encode to `<unk>` (in order, once each)."""
+    if UNK_ID not in self.encode(text):
+      return []
+    return [c for c in dict.fromkeys(text)
+            if not c.isspace() and UNK_ID in self.encode(c)]
+
   def decode(self, ids: Iterable[int]) -> str:
     return self.decode_batch([ids])[0]
 

@@ -41,11 +41,15 @@ def train(
     character_coverage: float = 1.0,
     max_sentences: int = 1_000_000,
     seed: int = 0,
+    byte_fallback: bool = False,
 ) -> spm_lib.Tokenizer:
   """Trains a SentencePiece model on `texts` (one sentence per item).
 
   `vocab_size` is an upper bound (hard_vocab_limit=False): a small corpus gets
   a smaller vocabulary instead of an error; read `Tokenizer.vocab_size`.
+  `byte_fallback`: characters never seen in training are encoded as their
+  UTF-8 bytes (256 byte pieces, so vocab_size must be well above 256) instead
+  of `<unk>`, so no input character is lost.
 
   Raises:
     EmptyTrainingTextError: if `texts` holds no non-blank sentence.
@@ -72,6 +76,7 @@ def train(
       eos_id=spm_lib.EOS_ID,
       unk_id=spm_lib.UNK_ID,
       bos_id=spm_lib.BOS_ID,
+      byte_fallback=byte_fallback,
       num_threads=os.cpu_count() or 1,
       minloglevel=2,  # Keep SentencePiece's own progress log off stderr.
   )
@@ -109,7 +114,8 @@ def train_or_load(
 
   Args:
     data_config: reads `vocab_size`, `spm_model_type`,
-      `spm_character_coverage`, `spm_max_sentences`, `seed`.
+      `spm_character_coverage`, `spm_max_sentences`, `spm_byte_fallback`,
+      `seed`.
     workdir: the run's directory (local or gs://).
     texts: called only when training is needed; returns the training
       sentences (source and target sides of the training split).
@@ -126,6 +132,7 @@ def train_or_load(
         character_coverage=data_config.spm_character_coverage,
         max_sentences=data_config.spm_max_sentences,
         seed=data_config.seed,
+        byte_fallback=data_config.spm_byte_fallback,
     )
     save(tok, path)
     logging.info(

@@ -3,8 +3,8 @@
 Any config field can be overridden: --config.num_train_steps=2000
 --config.optimizer.learning_rate_scale=2 --config.mesh.data=-1 ...
 Rerunning with the same --workdir resumes from its newest checkpoint that
-restores (a damaged one is moved to <workdir>/damaged_checkpoints/, never
-deleted), or from --checkpoint_step=<step>.
+restores, or from --checkpoint=<step>; newer steps (damaged, or passed
+over) are moved to <workdir>/checkpoints_set_aside/, never deleted.
 
 Exit status: 0 done (or stopped by SIGTERM after a checkpoint), 1 a failure
 during training (a NaN loss, a checkpoint that cannot be written), 2 a usage
@@ -12,6 +12,9 @@ mistake (a bad flag or config value, a workdir of an incompatible config):
 one or two lines on stderr, before any training.
 """
 
+from __future__ import annotations
+
+import os
 import sys
 
 from absl import app, flags, logging
@@ -22,9 +25,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, tokenizer, metrics, config.")
-_CHECKPOINT_STEP = flags.DEFINE_integer(
-    "checkpoint_step", None, "Resume from this step of the workdir instead of "
-    "its newest checkpoint.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", "latest", "Resume from: latest (the newest checkpoint that "
+    "restores) or a step number of the workdir.")
 USAGE_EXIT = 2
 
 
@@ -34,12 +37,35 @@ def _usage_error(message: str):
   sys.exit(USAGE_EXIT)
 
 
+def _missing_field(error: BaseException) -> str | None:
+  """The field name when config_flags failed on an unknown field (it wraps a
+  KeyError in an AttributeError)."""
+  for e in (error, error.__context__, *error.args):
+    if isinstance(e, KeyError) and e.args:
+      return str(e.args[0]).strip("'\"")
+  return None
+
+
 def parse_flags(argv):
   """absl parsing, with any mistake (a missing config file, a value of the
   wrong type, an unknown field) reported in one line, exit status 2."""
+  for arg in argv[1:]:
+    if arg.startswith("--config="):
+      path = arg.split("=", 1)[1].split(":", 1)[0]  # file.py[:argument]
+      if not os.path.isfile(path):
+        _usage_error(f"--config={path}: no such file; the configs are in "
+                     "experiments/configs/")
   try:
     rest = flags.FLAGS(argv)
+    if flags.FLAGS["config"].value is not None:
+      _CONFIG.value.get("seed")  # a config that failed to load raises here
   except Exception as e:  # pylint: disable=broad-except
+    missing = _missing_field(e)
+    if missing:
+      given = [a.split("=")[0] for a in argv if a.startswith("--config.")
+               and f".{missing}" in a.split("=")[0]] or [f"--config.{missing}"]
+      _usage_error(f"{given[0]}: the config has no field {missing!r}; see "
+                   "the config file (and experiments/configs/__init__.py)")
     # config_flags raises flags.Error, IOError, KeyError or TypeError,
     # depending on what is wrong; its message names the flag and the value.
     text = (str(e).strip() or repr(e)).splitlines()
@@ -49,6 +75,9 @@ def parse_flags(argv):
   for name in ("config", "workdir"):
     if flags.FLAGS[name].value is None:
       _usage_error(f"--{name} is required")
+  if _CHECKPOINT.value != "latest" and not _CHECKPOINT.value.isdigit():
+    _usage_error(f"--checkpoint={_CHECKPOINT.value}: use latest or a step "
+                 "number")
   return rest
 
 
@@ -59,8 +88,8 @@ def main(argv):
   from train import checkpointing, trainer  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
   try:
-    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
-                               _CHECKPOINT_STEP.value)
+    step = None if _CHECKPOINT.value == "latest" else int(_CHECKPOINT.value)
+    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, step)
   except (ConfigError, checkpointing.IncompatibleCheckpointError,
           checkpointing.CheckpointNotFoundError) as e:
     _usage_error(str(e))

@@ -13,8 +13,10 @@ On-disk layout of a workdir (everything a user needs to evaluate or translate):
         config/metadata            {"experiment": <config dict>, "model": <TransformerConfig dict>}
         metrics/metrics            evaluation metrics at that step (best-of policy)
         _CHECKPOINT_METADATA
-      damaged_checkpoints/<step>/  a step that did not restore when training
-                                   resumed, moved aside (never deleted)
+      checkpoints_set_aside/<step>/  a step newer than the one training
+                                   resumed from (it did not restore, or
+                                   --checkpoint chose an older one): moved,
+                                   never deleted
 
 The ``state`` item is a dict (documented names):
 
@@ -434,8 +436,8 @@ def complete_steps(directory: epath.Path) -> list[int]:
 
 
 def set_aside(directory: epath.Path, step: int) -> epath.Path:
-  """Moves a damaged step out of the manager's sight (never deletes it)."""
-  target = directory.parent / "damaged_checkpoints" / str(step)
+  """Moves a step out of the manager's sight (never deletes it)."""
+  target = directory.parent / "checkpoints_set_aside" / str(step)
   target.parent.mkdir(parents=True, exist_ok=True)
   if target.exists():
     target = target.parent / f"{step}.{os.getpid()}"

@@ -8,7 +8,8 @@
    against it (an incompatible one is refused before anything in the
    workdir changes) and the run resumes from the newest checkpoint that
    restores (train state and input-iterator state: exactly the batches an
-   uninterrupted run would see), or from ``checkpoint_step`` if given;
+   uninterrupted run would see), or from ``checkpoint_step`` if given; newer
+   steps are moved to ``<workdir>/checkpoints_set_aside/`` (never deleted);
 3. the resolved config is written to ``<workdir>/config.json``;
 4. the loop trains until ``num_train_steps`` or the wall-time budget
    ``max_minutes`` (wall time of this launch, data preparation and compilation
@@ -262,10 +263,12 @@ def restore_or_init(ckpt, runner, train_iter, record, rng, checkpoint_step,
 
   step, restored, skipped = checkpointing.restore_newest(
       ckpt.directory, steps, checkpoint_step, restore)
-  for bad in skipped:  # later saves would collide with these steps
-    moved = checkpointing.set_aside(ckpt.directory, bad)
-    say(f"Moved the checkpoint of step {bad}, which does not restore, to "
-        f"{moved}")
+  # Training on writes steps after this one: move the newer ones (damaged, or
+  # passed over by --checkpoint) where they cannot collide. Never deleted.
+  for newer in [s for s in steps if s > step]:
+    why = "does not restore" if newer in skipped else "is newer than --checkpoint"
+    moved = checkpointing.set_aside(ckpt.directory, newer)
+    say(f"Moved the checkpoint of step {newer}, which {why}, to {moved}")
   ckpt.reload()
   say(f"Resuming from step {step} ({ckpt.directory})")
   return runner.state_from_checkpoint(restored)

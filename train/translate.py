@@ -105,6 +105,12 @@ def run(argv: Sequence[str], stdin: BinaryIO, stdout: TextIO,
 
   loaded = inference.load(workdir, checkpoint, average_last)
   cfg, tok = loaded.model_config, loaded.tokenizer
+  for number, line in enumerate(lines, start=1):
+    unknown = tok.unknown_characters(line)
+    if unknown:
+      _warn(stderr, f"line {number}: {''.join(unknown)!r} not in the "
+            "vocabulary: translated as <unk> (the tokenizer has no byte "
+            "fallback)")
   max_tokens = (f.max_input_tokens or
                 loaded.experiment_config.get("data", {}).get("max_len") or
                 cfg.max_len)

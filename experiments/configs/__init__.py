@@ -69,6 +69,7 @@ def data_config() -> ml_collections.ConfigDict:
   c.spm_model_type = "unigram"  # or "bpe", "char", "word"
   c.spm_character_coverage = 1.0  # 0.9995 for large-alphabet languages
   c.spm_max_sentences = 1_000_000  # sentences sampled to train SentencePiece
+  c.spm_byte_fallback = True  # unseen characters become UTF-8 byte pieces, not <unk>
   # parallel_text: two line-aligned files, or one source<TAB>target TSV.
   c.train_src_file = ""
   c.train_tgt_file = ""

@@ -72,6 +72,11 @@ class _ParallelRecords(Sequence):
 
 
 def _parallel_text_source(data_config, split: str) -> PairSource:
+  eval_splits = {data_config.eval_split, "validation", "test"}
+  if split != data_config.train_split and split not in eval_splits:
+    raise ValueError(
+        f"parallel_text has the split {data_config.train_split!r} (the train_* "
+        f"files) and {sorted(eval_splits)} (the eval_* files), not {split!r}")
   prefix = "train" if split == data_config.train_split else "eval"
   files = {
       k: data_config.get(f"{prefix}_{k}_file") or None
