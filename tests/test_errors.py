@@ -12,7 +12,6 @@ import hashlib
 import io
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 
@@ -260,3 +259,62 @@ def test_unknown_characters_are_named(workdir):
   assert len(out.splitlines()) == 2
   assert "line 2:" in err and "\U0001F600" in err and "<unk>" in err
   assert "line 1:" not in err
+
+
+# ---------------------------------------------------------------- training
+
+def _train_tiny(workdir, *args):
+  return _train("--config=experiments/configs/tiny.py", f"--workdir={workdir}",
+                "--config.synthetic_data=True", "--config.eval_every_steps=1000",
+                "--config.checkpoint_every_steps=10",
+                "--config.checkpoint.max_to_keep=5", *args, timeout=300)
+
+
+def test_train_resumes_past_a_damaged_checkpoint_and_from_a_chosen_step(
+    tmp_path):
+  run = tmp_path / "run"
+  proc = _train_tiny(run, "--config.num_train_steps=20")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  _corrupt(run / "checkpoints" / "20", "truncated_array")
+  damaged = checksums(run / "checkpoints" / "20")
+  proc = _train_tiny(run, "--config.num_train_steps=30")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "skipping checkpoint step 20" in proc.stderr
+  assert "Resuming from step 10" in proc.stdout
+  # The damaged step is kept, moved out of the way of the new step 20.
+  assert checksums(run / "checkpoints_set_aside" / "20") == damaged
+  assert sorted(p.name for p in (run / "checkpoints").iterdir()
+                if p.name.isdigit()) == ["10", "20", "30"]
+  # --checkpoint=<step> resumes there; newer steps are set aside, not lost.
+  proc = _train_tiny(run, "--config.num_train_steps=20", "--checkpoint=10")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Resuming from step 10" in proc.stdout
+  assert "is newer than --checkpoint" in proc.stdout
+  assert (run / "checkpoints_set_aside" / "30").is_dir()
+  proc = _train_tiny(run, "--checkpoint=999")
+  assert proc.returncode == 2 and "999" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def test_disk_full_during_a_save_is_one_line(tmp_path):
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs",
+                          str(disk)], capture_output=True, text=True)
+  if mount.returncode:
+    pytest.skip(f"cannot mount a small tmpfs here: {mount.stderr.strip()}")
+  try:
+    proc = _train_tiny(disk / "run", "--config.num_train_steps=60")
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr and len(lines) <= 3, proc.stderr
+    assert lines[-1].startswith("ERROR: CheckpointWriteError: ")
+    assert "No space left on device" in lines[-1]
+    assert "The newest complete checkpoint is step 10" in lines[-1]
+    # That checkpoint is intact.
+    _, _, params, steps = inference.load_params(disk / "run")
+    assert steps == [10]
+    assert all(np.isfinite(np.asarray(x)).all()
+               for x in jax.tree.leaves(params))
+  finally:
+    subprocess.run(["umount", str(disk)], check=False)

@@ -81,8 +81,24 @@ def parse_flags(argv):
   return rest
 
 
+def _ignore_callbacks_on_closed_loops():
+  """A failing background save (a full disk) leaves tensorstore callbacks
+  that fire on Orbax's closed asyncio loop, each reporting its RuntimeError
+  through sys.unraisablehook as a traceback; the failure itself is reported
+  once (CheckpointWriteError). Other unraisable errors print as usual."""
+  default = sys.unraisablehook
+
+  def hook(unraisable):
+    value = unraisable.exc_value
+    if not (isinstance(value, RuntimeError) and
+            str(value) == "Event loop is closed"):
+      default(unraisable)
+  sys.unraisablehook = hook
+
+
 def main(argv):
   del argv
+  _ignore_callbacks_on_closed_loops()
   # Imported here so --help is fast and jax starts after flag parsing.
   from model import ConfigError  # pylint: disable=g-import-not-at-top
   from train import checkpointing, trainer  # pylint: disable=g-import-not-at-top
@@ -93,10 +109,15 @@ def main(argv):
   except (ConfigError, checkpointing.IncompatibleCheckpointError,
           checkpointing.CheckpointNotFoundError) as e:
     _usage_error(str(e))
-  except (checkpointing.NonFiniteLossError,
-          checkpointing.CheckpointWriteError) as e:
+  except checkpointing.NonFiniteLossError as e:
     print(f"ERROR: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
+  except checkpointing.CheckpointWriteError as e:
+    print(f"ERROR: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # Orbax's failed background threads would print more tracebacks during
+    # interpreter shutdown; the error is reported and every file is closed.
+    os._exit(1)
 
 
 if __name__ == "__main__":

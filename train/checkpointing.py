@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging as std_logging
 import math
 import os
 import sys
@@ -239,7 +240,18 @@ class _DropReadOnlyNotices:
     return not ("read only" in message or "read_only=True" in message)
 
 
+class _DropBackgroundSaveErrors:
+  """A logging filter: a failed background save (a full disk) makes Orbax's
+  threads log the same error a dozen times with tracebacks; the Checkpointer
+  reports it once, as CheckpointWriteError, naming the cause and last step."""
+
+  def filter(self, record) -> bool:
+    return not (record.levelno >= std_logging.ERROR and
+                "orbax" in (record.pathname or ""))
+
+
 logging.get_absl_logger().addFilter(_DropReadOnlyNotices())
+logging.get_absl_logger().addFilter(_DropBackgroundSaveErrors())
 
 
 class Checkpointer:
@@ -309,12 +321,12 @@ class Checkpointer:
     if data_iterator is not None:
       args[DATA] = grain.checkpoint.CheckpointSave(
           _FrozenIteratorState(data_iterator.get_state()))
-    with self._writing(step):
+    with self._writing():
       return self.manager.save(step, args=ocp.args.Composite(**args),
                                metrics=best, force=force)
 
   @contextlib.contextmanager
-  def _writing(self, step: int | None):
+  def _writing(self):
     """Turns any failure of a (background) save into one CheckpointWriteError
     naming the cause and the newest complete checkpoint."""
     try:
@@ -325,11 +337,13 @@ class Checkpointer:
       cause = e
       while cause.__cause__ is not None or cause.__context__ is not None:
         cause = cause.__cause__ or cause.__context__
-      text = (str(cause).strip() or repr(cause)).splitlines()[0][:300]
+      text = (str(cause).strip() or repr(cause)).splitlines()[0]
+      if len(text) > 300:  # tensorstore names every path; keep both ends
+        text = f"{text[:140]} ... {text[-150:]}"
       done = complete_steps(self.directory)
       raise CheckpointWriteError(
-          f"writing a checkpoint{'' if step is None else f' of step {step}'} "
-          f"in {self.directory} failed: {type(cause).__name__}: {text}. The "
+          f"saving a checkpoint in {self.directory} failed: "
+          f"{type(cause).__name__}: {text}. The "
           "newest complete checkpoint is "
           + (f"step {done[-1]}" if done else "none")
           + "; free space (or fix the cause) and rerun to resume from it."
@@ -362,7 +376,7 @@ class Checkpointer:
     Orbax otherwise reports a failed background save only at the next save
     or ``wait``, which can be the end of a long run.
     """
-    with self._writing(None):
+    with self._writing():
       self.manager.check_for_errors()
 
   def wait(self):
@@ -371,7 +385,7 @@ class Checkpointer:
   def close(self):
     """Waits for a pending save, then releases the manager."""
     try:
-      with self._writing(None):
+      with self._writing():
         self.manager.wait_until_finished()
     finally:
       self.manager.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from typing import Mapping
 
@@ -49,10 +50,16 @@ class MetricWriter:
     self._jsonl.flush()
 
   def close(self) -> None:
+    """Closes the files; a failure to write their tail (a full disk) is one
+    warning line, not an error: the metrics written so far are kept."""
     if self.enabled:
-      self._tb.close()
-      self._jsonl.close()
       self.enabled = False
+      try:
+        self._tb.close()
+        self._jsonl.close()
+      except OSError as e:
+        print(f"warning: could not finish writing the metrics files ({e})",
+              file=sys.stderr, flush=True)
 
 
 def _number(value) -> float | None:

@@ -367,8 +367,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 f"{config.max_minutes:g} min used")
           break
   finally:
-    ckpt.close()
-    writer.close()
+    try:
+      ckpt.close()  # waits for the last save: CheckpointWriteError if it failed
+    finally:
+      writer.close()
   last_metrics["step"] = step
   say(f"Done at step {step} after {(time.time() - start_time) / 60:.1f} min; "
       f"checkpoints in {ckpt.directory}")
