@@ -79,3 +79,19 @@ def test_bible_tokenizer(bible_tokenizer, bible_config):
   assert bible_tokenizer.vocab_size == bible_config.vocab_size
   text = "Y dijo Dios: Sea la luz: y fué la luz."
   assert bible_tokenizer.decode(bible_tokenizer.encode(text)) == text
+
+
+def test_byte_fallback_loses_no_character(bible_tokenizer):
+  # The run's tokenizer (data.spm_byte_fallback): an emoji never seen in
+  # training becomes UTF-8 byte pieces, not <unk>, and decodes back.
+  text = "Y dijo Dios \U0001F600 sea la luz \u2603."
+  ids = bible_tokenizer.encode(text)
+  assert tokenizer.UNK_ID not in ids
+  assert bible_tokenizer.decode(ids) == text
+  assert bible_tokenizer.unknown_characters(text) == []
+
+
+def test_small_vocabularies_turn_byte_fallback_off_and_name_unknowns():
+  tok = tokenizer.train(SENTENCES, vocab_size=120, byte_fallback=True)
+  assert tok.vocab_size <= 120
+  assert tok.unknown_characters("luz \U0001F600 luz") == ["\U0001F600"]

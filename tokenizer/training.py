@@ -21,6 +21,8 @@ from etils import epath
 from tokenizer import spm as spm_lib
 
 TOKENIZER_DIR = "tokenizer"
+# Byte fallback adds 256 pieces; smaller vocabularies leave it off.
+MIN_BYTE_FALLBACK_VOCAB = 1024
 MODEL_FILE = "spm.model"
 
 
@@ -48,8 +50,9 @@ def train(
   `vocab_size` is an upper bound (hard_vocab_limit=False): a small corpus gets
   a smaller vocabulary instead of an error; read `Tokenizer.vocab_size`.
   `byte_fallback`: characters never seen in training are encoded as their
-  UTF-8 bytes (256 byte pieces, so vocab_size must be well above 256) instead
-  of `<unk>`, so no input character is lost.
+  UTF-8 bytes (256 byte pieces) instead of `<unk>`, so no input character is
+  lost; below `MIN_BYTE_FALLBACK_VOCAB` there is no room for the byte pieces
+  and it is turned off, with a warning.
 
   Raises:
     EmptyTrainingTextError: if `texts` holds no non-blank sentence.
@@ -61,6 +64,12 @@ def train(
         "(no non-blank sentence in the training split). Check "
         "config.data.name / train_split, or the parallel_text training files."
     )
+  if byte_fallback and vocab_size < MIN_BYTE_FALLBACK_VOCAB:
+    logging.warning(
+        "SentencePiece byte fallback off: a vocabulary of %d has no room for "
+        "the 256 byte pieces (needs >= %d); unseen characters become <unk>.",
+        vocab_size, MIN_BYTE_FALLBACK_VOCAB)
+    byte_fallback = False
   spm.set_random_generator_seed(seed)
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
