@@ -185,3 +185,19 @@ def test_validation_bleu_hook(workdir):
                                     TARGETS, tok, options)
   assert set(scores) == {"bleu", "chrf"}
   assert 0 <= scores["bleu"] <= 100 and 0 <= scores["chrf"] <= 100
+
+
+def test_max_sentences_scores_an_evenly_spaced_subset(workdir, tmp_path):
+  assert evaluate.evenly_spaced(10, 4) == [0, 2, 5, 7]
+  assert evaluate.evenly_spaced(3, 5) == [0, 1, 2]
+  path, _, _ = workdir
+  options = translation.DecodeOptions(method="greedy", max_extra_len=4,
+                                      batch_size=8)
+  part = evaluate.run(path, split="validation", options=options,
+                      output_dir=tmp_path, max_sentences=3)
+  assert part["num_sentences"] == 3 and part["data"] == "validation.3of6"
+  hyps = open(part["hypotheses_file"], encoding="utf-8").read().splitlines()
+  whole = evaluate.run(path, split="validation", options=options,
+                       output_dir=tmp_path)
+  every = open(whole["hypotheses_file"], encoding="utf-8").read().splitlines()
+  assert hyps == [every[i] for i in (0, 2, 4)]

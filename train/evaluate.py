@@ -101,6 +101,9 @@ def _define_flags(fv: flags.FlagValues):
                       "one a line (same line count).", **d)
   flags.DEFINE_string("output_dir", None, "Where to write hypotheses and "
                       "scores (default <workdir>/eval).", **d)
+  flags.DEFINE_integer("max_sentences", 0, "Score only this many sentences, "
+                       "evenly spaced through the split or file (0: all): "
+                       "cheap model choices on validation.", **d)
 
 
 def _read_input(input_file, reference_file):
@@ -147,9 +150,16 @@ def _writable_dir(path: epath.Path) -> epath.Path:
   return path
 
 
+def evenly_spaced(n: int, k: int) -> list[int]:
+  """k indices spread evenly over range(n) (all of them if k <= 0 or k >= n)."""
+  if k <= 0 or k >= n:
+    return list(range(n))
+  return [int(i * n / k) for i in range(k)]
+
+
 def run(workdir, *, split="test", input_file=None, reference_file=None,
         checkpoint="latest", average_last=0, options=DecodeOptions(),
-        output_dir=None) -> dict[str, Any]:
+        output_dir=None, max_sentences=0) -> dict[str, Any]:
   """Decodes and scores; returns (and writes) the result record.
 
   Inputs, the split and the output directory are checked first
@@ -162,6 +172,11 @@ def run(workdir, *, split="test", input_file=None, reference_file=None,
   else:
     sources, references = _read_split(workdir, split)
     what = split
+  if 0 < max_sentences < len(sources):
+    what = f"{what}.{max_sentences}of{len(sources)}"
+    keep = evenly_spaced(len(sources), max_sentences)
+    sources = [sources[i] for i in keep]
+    references = None if references is None else [references[i] for i in keep]
   out_dir = _writable_dir(epath.Path(output_dir or
                                      epath.Path(workdir) / "eval"))
   loaded = inference.load(workdir, checkpoint, average_last)
@@ -196,10 +211,13 @@ def main(argv: Sequence[str]) -> int:
   if f.reference and not f.input:
     raise cli.UsageError("--reference needs --input (the source file it "
                          "translates)")
+  if f.max_sentences < 0:
+    raise cli.UsageError(f"--max_sentences={f.max_sentences}: use a count "
+                         ">= 0 (0: all)")
   record = run(workdir, split=f.split, input_file=f.input,
                reference_file=f.reference, checkpoint=checkpoint,
                average_last=average_last, options=options,
-               output_dir=f.output_dir)
+               output_dir=f.output_dir, max_sentences=f.max_sentences)
   if "hypotheses_file" in record:
     print(f"hypotheses: {record['hypotheses_file']}")
   if "bleu" in record:
