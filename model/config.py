@@ -12,10 +12,11 @@ from typing import Any
 
 import jax.numpy as jnp
 
-# Special ids shared with the tokenizer: 0 is padding (and the decoder's start
-# token after the right shift), 1 is end-of-sentence.
-PAD_ID = 0
-EOS_ID = 1
+# The vocabulary's special ids are the tokenizer's (defined once there): 0 is
+# padding and the decoder's start token after the right shift, 1 is
+# end-of-sentence.
+from tokenizer.spm import EOS_ID, PAD_ID
+
 NUM_SPECIAL_IDS = 2
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
