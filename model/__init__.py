@@ -2,12 +2,12 @@
 
 from model.config import (EOS_ID, PAD_ID, PRESETS, ConfigError,
                           TransformerConfig)
-from model.layers import DEFAULT_LOGICAL_AXIS_RULES, sinusoidal_table
+from model.layers import sinusoidal_table
 from model.transformer import (Transformer, attention_weights, init_cache,
                                init_params, shift_right)
 
 __all__ = [
-    "ConfigError", "DEFAULT_LOGICAL_AXIS_RULES", "EOS_ID", "PAD_ID", "PRESETS",
+    "ConfigError", "EOS_ID", "PAD_ID", "PRESETS",
     "Transformer", "TransformerConfig", "attention_weights", "init_cache",
     "init_params", "shift_right", "sinusoidal_table",
 ]

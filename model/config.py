@@ -56,6 +56,9 @@ class TransformerConfig:
     dropout_impl: "flax" (default): ``nn.Dropout``, one 32-bit draw per
       element. "paired_bits" (speed path): one 32-bit draw per two elements,
       16 bits each (``layers.PairedBitsDropout``); same rate, different masks.
+    attention_bias: departure when True: biases on the attention projections
+      (W^Q, W^K, W^V, W^O). Section 3.2.2 has none, nor have tensor2tensor
+      and Flax's examples/wmt.
   """
 
   vocab_size: int = 37000
@@ -74,6 +77,7 @@ class TransformerConfig:
   pre_ln: bool = False
   layer_norm_epsilon: float = 1e-6
   dropout_impl: str = "flax"
+  attention_bias: bool = False
 
   def __post_init__(self):
     def fail(field, reason):
@@ -132,6 +136,12 @@ class TransformerConfig:
 
   @classmethod
   def from_dict(cls, values: dict[str, Any]) -> TransformerConfig:
+    """A saved record (``to_dict``); a field it predates gets the value the
+    model had before the field existed (``FIELDS_ADDED_LATER``)."""
+    return cls._checked({**FIELDS_ADDED_LATER, **values})
+
+  @classmethod
+  def _checked(cls, values: dict[str, Any]) -> TransformerConfig:
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - fields)
     if unknown:
@@ -145,7 +155,12 @@ class TransformerConfig:
     if name not in PRESETS:
       raise ConfigError(f"unknown preset {name!r}; choose one of "
                         f"{sorted(PRESETS)}")
-    return cls.from_dict({**PRESETS[name], **overrides})
+    return cls._checked({**PRESETS[name], **overrides})
+
+
+# What the model did before each of these fields existed: records saved
+# then (checkpoints' "model" item) lack them and load with these values.
+FIELDS_ADDED_LATER: dict[str, Any] = {"attention_bias": True}
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -260,7 +260,7 @@ _SAME_FOR_EVERY_BEAM = ("cross_key", "cross_value")
 def _reorder_cache(cache, beam_indices, beam_size: int):
   """Reorders cache rows [batch * beam, ...] to follow the surviving beams.
 
-  Scalar leaves (cache_index, decoder position) are shared by all rows, and
+  The scalar leaf (the decoder's position counter) is shared by all rows, and
   the cross-attention keys/values are the same for every beam of a sentence:
   both are left as they are.
   """

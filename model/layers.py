@@ -2,7 +2,8 @@
 
 Every parameter carries logical axis names (``nn.with_logical_partitioning``)
 and activations at layer boundaries carry logical constraints, so a training
-setup can shard both by a rules table (see ``DEFAULT_LOGICAL_AXIS_RULES``).
+setup can shard both by a rules table (the experiment config's
+``logical_axis_rules``).
 
 Parameter axis names: ``vocab``, ``embed`` (d_model), ``heads``, ``kv``
 (head_dim), ``mlp`` (d_ff). Activation axis names: ``activation_batch``,
@@ -22,22 +23,6 @@ import numpy as np
 from jax import lax
 
 from model.config import TransformerConfig
-
-# A mesh with axes (data, fsdp, tensor): batch over data x fsdp, parameters
-# fully sharded over fsdp, heads / d_ff / vocabulary over tensor (Megatron).
-DEFAULT_LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("activation_batch", ("data", "fsdp")),
-    ("activation_length", None),
-    ("activation_embed", None),
-    ("activation_mlp", "tensor"),
-    ("activation_heads", "tensor"),
-    ("activation_vocab", "tensor"),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("mlp", "tensor"),
-)
 
 BLD = ("activation_batch", "activation_length", "activation_embed")
 
@@ -83,20 +68,25 @@ def dot_general(config: TransformerConfig):
                            preferred_element_type=jnp.float32)
 
 
-def low_precision_attention(query, key, value, mask=None, dropout_rng=None,
-                            dropout_rate: float = 0.0,
-                            broadcast_dropout: bool = True,
-                            deterministic: bool = True, dtype=jnp.bfloat16,
-                            module=None):
-  """``nn.dot_product_attention`` for a bf16 compute dtype, float32 accumulation.
+def dot_product_attention(query, key, value, mask=None, dropout_rng=None,
+                          dropout_rate: float = 0.0,
+                          broadcast_dropout: bool = True,
+                          deterministic: bool = True, dtype=jnp.float32,
+                          module=None, kv_heads_major: bool = False):
+  """Section 3.2.1: softmax(Q K^T / sqrt(d_k)) V, the one attention kernel.
 
   query: [batch, q_len, heads, head_dim]; key, value: [batch, k_len, heads,
-  head_dim] -> [batch, q_len, heads, head_dim] float32. Scores, the softmax and
-  the sown weights are float32; both matmuls take ``dtype`` inputs.
+  head_dim], or [batch, heads, k_len, head_dim] with ``kv_heads_major`` (the
+  decoding caches); mask: bool, broadcastable to [batch, heads, q_len, k_len]
+  -> [batch, q_len, heads, head_dim] float32. Both matmuls take ``dtype``
+  inputs and accumulate in float32; scores, the softmax and the weights sown
+  for heat maps (``module``) are float32. The signature is Flax's
+  ``attention_fn``'s, so ``nn.MultiHeadDotProductAttention`` calls it too.
   """
+  kv = "bhkd" if kv_heads_major else "bkhd"
   depth = query.shape[-1]
   query = (query / np.sqrt(depth).astype(np.float32)).astype(dtype)
-  scores = jnp.einsum("...qhd,...khd->...hqk", query, key.astype(dtype),
+  scores = jnp.einsum(f"bqhd,{kv}->bhqk", query, key.astype(dtype),
                       preferred_element_type=jnp.float32)
   if mask is not None:
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
@@ -109,7 +99,7 @@ def low_precision_attention(query, key, value, mask=None, dropout_rng=None,
              if broadcast_dropout else weights.shape)
     keep = jax.random.bernoulli(dropout_rng, keep_prob, shape)
     weights = jnp.where(keep, weights / keep_prob, 0.0)
-  return jnp.einsum("...hqk,...khd->...qhd", weights.astype(dtype),
+  return jnp.einsum(f"bhqk,{kv}->bqhd", weights.astype(dtype),
                     value.astype(dtype), preferred_element_type=jnp.float32)
 
 
@@ -197,27 +187,26 @@ _ZEROS = nn.initializers.zeros_init()
 
 def attention(config: TransformerConfig, name: str
               ) -> nn.MultiHeadDotProductAttention:
-  """Multi-head attention of section 3.2.2, projections with biases.
+  """Multi-head attention of section 3.2.2 (biases only with attention_bias).
 
   Training and teacher forcing; one-token decoding uses the cached modules
   below, which have the same parameters.
   """
-  low_precision = {}
-  if config.compute_dtype != jnp.float32:
-    low_precision = dict(qkv_dot_general=dot_general(config),
-                         out_dot_general=dot_general(config),
-                         attention_fn=low_precision_attention)
   return nn.MultiHeadDotProductAttention(
       num_heads=config.num_heads,
       dtype=config.compute_dtype,
       param_dtype=jnp.float32,
       dropout_rate=config.attention_dropout_rate,
+      use_bias=config.attention_bias,
       kernel_init=_partitioned(_XAVIER, ("embed", "heads", "kv")),
       bias_init=_partitioned(_ZEROS, ("heads", "kv")),
       out_kernel_init=_partitioned(_XAVIER, ("heads", "kv", "embed")),
       out_bias_init=_partitioned(_ZEROS, ("embed",)),
-      name=name,
-      **low_precision)
+      qkv_dot_general=dot_general(config),
+      out_dot_general=dot_general(config),
+      attention_fn=functools.partial(dot_product_attention,
+                                     dtype=config.compute_dtype),
+      name=name)
 
 
 # --- one-token decoding -------------------------------------------------------
@@ -229,9 +218,9 @@ def attention(config: TransformerConfig, name: str
 # the attention matmuls read, so XLA on CPU copied (transposed) every layer's
 # whole cache at every step. The modules below read the same parameters
 # (query, key, value, out: names, shapes, dtypes) as ``attention(...)``, so one
-# checkpoint serves training and decoding (params come from the training
-# model: CachedCrossAttention's init never builds key/value), and keep their
-# keys and values heads-major, [batch, heads, length, head_dim], in place.
+# checkpoint serves training and decoding, and keep their keys and values
+# heads-major, [batch, heads, length, head_dim], in place. The cross-attention
+# keys and values are projected once per batch (``cross_keys_values``).
 
 
 def _projection(config: TransformerConfig, name: str, out: bool = False):
@@ -243,7 +232,8 @@ def _projection(config: TransformerConfig, name: str, out: bool = False):
                              ("embed", "heads", "kv"))
   return nn.DenseGeneral(
       features=features, axis=axis, dtype=config.compute_dtype,
-      param_dtype=jnp.float32, kernel_init=_partitioned(_XAVIER, names),
+      param_dtype=jnp.float32, use_bias=config.attention_bias,
+      kernel_init=_partitioned(_XAVIER, names),
       bias_init=_partitioned(_ZEROS, names[1:] if not out else ("embed",)),
       dot_general=dot_general(config), name=name)
 
@@ -254,99 +244,89 @@ def _heads_major(config: TransformerConfig, x):
   return jnp.swapaxes(x, 1, 2).astype(config.compute_dtype)
 
 
-def _attend_heads_major(config: TransformerConfig, query, key, value, mask):
-  """Scaled dot-product attention on a heads-major cache.
+def _attend_cache(config: TransformerConfig, query, key, value, mask):
+  """dot_product_attention over a heads-major cache, in the compute dtype."""
+  return dot_product_attention(query, key, value, mask,
+                               dtype=config.compute_dtype,
+                               kv_heads_major=True).astype(config.compute_dtype)
 
-  query: [batch, q_len, heads, head_dim]; key, value: [batch, heads, k_len,
-  head_dim]; mask: bool, broadcastable to [batch, heads, q_len, k_len] ->
-  [batch, q_len, heads, head_dim]. Scores and softmax in float32; the matmuls
-  take compute-dtype inputs and accumulate in float32 (as
-  ``nn.dot_product_attention`` / ``low_precision_attention`` do).
+
+def cross_keys_values(config: TransformerConfig, params, encoded):
+  """One decoder layer's cross-attention keys and values, once per batch.
+
+  params: that layer's ``cross_attention`` params; encoded: the encoder
+  output [batch, src_len, d_model] -> (key, value), each [batch, heads,
+  src_len, head_dim] in the compute dtype (``CachedCrossAttention``'s cache).
   """
-  dtype = config.compute_dtype
-  query = query / jnp.sqrt(query.shape[-1]).astype(query.dtype)
-  scores = jnp.einsum("bqhd,bhkd->bhqk", query.astype(dtype), key.astype(dtype),
-                      preferred_element_type=jnp.float32)
-  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(scores)
-  return jnp.einsum("bhqk,bhkd->bqhd", weights.astype(dtype),
-                    value.astype(dtype),
-                    preferred_element_type=jnp.float32).astype(dtype)
+  project = lambda name: _heads_major(config, _projection(config, name).apply(
+      {"params": params[name]}, encoded))
+  return project("key"), project("value")
 
 
 class CachedSelfAttention(nn.Module):
   """Masked decoder self-attention, one token per call, keys/values cached.
 
   Cache: ``cached_key``, ``cached_value`` [batch, heads, max_decode_len,
-  head_dim] and ``cache_index`` (the position being written). The first call
-  (``init``, cache absent) takes the whole [batch, max_decode_len, d_model]
-  target to size the cache and runs causal attention over it; later calls
-  take y [batch, 1, d_model].
+  head_dim]. The first call (``init``, no ``index``) takes the whole [batch,
+  max_decode_len, d_model] target to size the cache and runs causal attention
+  over it; later calls take one token y [batch, 1, d_model] and write its key
+  and value at position ``index`` (int32 scalar: the decoder's counter).
   """
 
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, y):
+  def __call__(self, y, index=None):
     cfg = self.config
-    initialized = self.has_variable("cache", "cached_key")
     shape = (y.shape[0], cfg.num_heads, y.shape[1], cfg.head_dim)
     cached_key = self.variable("cache", "cached_key", jnp.zeros, shape,
                                cfg.compute_dtype)
     cached_value = self.variable("cache", "cached_value", jnp.zeros, shape,
                                  cfg.compute_dtype)
-    index = self.variable("cache", "cache_index",
-                          lambda: jnp.zeros((), jnp.int32))
     query = _projection(cfg, "query")(y)
     key = _heads_major(cfg, _projection(cfg, "key")(y))
     value = _heads_major(cfg, _projection(cfg, "value")(y))
-    if not initialized:
+    if index is None:
       mask = nn.make_causal_mask(jnp.ones(y.shape[:2], bool))
     else:
       if y.shape[1] != 1:
         raise ValueError(f"cached decoding feeds one token per call, got "
                          f"{y.shape[1]}")
-      at = index.value
       zero = jnp.zeros((), jnp.int32)
       key = lax.dynamic_update_slice(cached_key.value, key,
-                                     (zero, zero, at, zero))
+                                     (zero, zero, index, zero))
       value = lax.dynamic_update_slice(cached_value.value, value,
-                                       (zero, zero, at, zero))
+                                       (zero, zero, index, zero))
       cached_key.value, cached_value.value = key, value
-      index.value = at + 1
-      mask = (jnp.arange(key.shape[2]) <= at)[None, None, None, :]
-    x = _attend_heads_major(cfg, query, key, value, mask)
+      mask = (jnp.arange(key.shape[2]) <= index)[None, None, None, :]
+    x = _attend_cache(cfg, query, key, value, mask)
     return _projection(cfg, "out", out=True)(x)
 
 
 class CachedCrossAttention(nn.Module):
-  """Encoder-decoder attention, one token per call, keys/values projected once.
+  """Encoder-decoder attention, one token per call, keys/values cached.
 
-  ``prime=True`` projects ``encoded`` [batch, src_len, d_model] into the
-  cache (``cross_key``, ``cross_value``: [batch, heads, src_len, head_dim]);
-  every later call reads them and projects only its query. Inference only:
-  no attention dropout.
+  Cache: ``cross_key``, ``cross_value`` [batch, heads, src_len, head_dim],
+  filled once per batch by ``cross_keys_values`` (``init_cache``); a call
+  projects only its query. ``encoded`` sizes the cache when it is created.
+  Inference only: no attention dropout.
   """
 
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, y, encoded, mask=None, prime: bool = False):
-    """y: [batch, 1, d_model] (None when priming); mask: [batch, 1, 1,
-    src_len] -> [batch, 1, d_model]."""
+  def __call__(self, y, encoded, mask=None):
+    """y: [batch, 1, d_model]; mask: [batch, 1, 1, src_len] -> [batch, 1,
+    d_model]."""
     cfg = self.config
     shape = (encoded.shape[0], cfg.num_heads, encoded.shape[1], cfg.head_dim)
-    cached_key = self.variable("cache", "cross_key", jnp.zeros, shape,
-                               cfg.compute_dtype)
-    cached_value = self.variable("cache", "cross_value", jnp.zeros, shape,
-                                 cfg.compute_dtype)
-    if prime:
-      cached_key.value = _heads_major(cfg, _projection(cfg, "key")(encoded))
-      cached_value.value = _heads_major(cfg, _projection(cfg, "value")(encoded))
-      return None
+    key = self.variable("cache", "cross_key", jnp.zeros, shape,
+                        cfg.compute_dtype)
+    value = self.variable("cache", "cross_value", jnp.zeros, shape,
+                          cfg.compute_dtype)
     query = _projection(cfg, "query")(y)
-    x = _attend_heads_major(cfg, query, cached_key.value, cached_value.value,
-                            True if mask is None else mask)
+    x = _attend_cache(cfg, query, key.value, value.value,
+                      True if mask is None else mask)
     return _projection(cfg, "out", out=True)(x)
 
 

@@ -16,14 +16,18 @@ For one-token-at-a-time inference build ``Transformer(config, use_cache=True)``,
 create the key/value cache with ``init_cache(config, params, encoded, ...)``
 (which also projects the encoder output into the cross-attention keys and
 values, once) and call ``decode`` with ``tgt`` = the previous token [batch, 1]
-and ``mutable=["cache"]``.
+and ``mutable=["cache"]``; the cache's ``decoder/position`` counts the tokens
+fed.
 
 Params tree (documented names, for anyone opening a checkpoint):
   shared_embedding/embedding                [vocab, d_model]   (joint vocab)
   (or source_embedding, target_embedding and, untied, output_projection/kernel)
-  encoder/layers_{i}/self_attention/{query,key,value}/{kernel,bias}
-                                            kernel [d_model, heads, head_dim]
-  encoder/layers_{i}/self_attention/out/{kernel [heads, head_dim, d_model], bias}
+  encoder/layers_{i}/self_attention/{query,key,value}/kernel
+                                            [d_model, heads, head_dim]
+  encoder/layers_{i}/self_attention/out/kernel [heads, head_dim, d_model]
+                                            (each with a bias only with
+                                            attention_bias: [heads, head_dim],
+                                            out [d_model])
   encoder/layers_{i}/self_attention_norm/{scale,bias}
   encoder/layers_{i}/ffn/wi/{kernel [d_model, d_ff], bias}, ffn/wo/{kernel, bias}
   encoder/layers_{i}/ffn_norm/{scale,bias}
@@ -89,26 +93,26 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, y, encoded, self_mask, cross_mask, deterministic: bool,
-               prime: bool = False):
+               index=None):
     """y: [batch, tgt_len, d_model]; encoded: [batch, src_len, d_model].
 
-    prime (decode only): fill the cross-attention keys/values from encoded.
+    decode: one token a call, written to the caches at ``index`` (None while
+    the caches are created); the cache applies causality itself.
     """
     cfg = self.config
-    if self.decode:  # one token a call; the cache applies causality itself
+    if self.decode:
+      self_attention = layers.CachedSelfAttention(cfg, name="self_attention")
       cross_attention = layers.CachedCrossAttention(cfg, name="cross_attention")
-      if prime:
-        return cross_attention(None, encoded, prime=True)
+      attend_prefix = lambda h: self_attention(h, index)
       attend_encoded = lambda h: cross_attention(h, encoded, cross_mask)
-      attend_prefix = layers.CachedSelfAttention(cfg, name="self_attention")
     else:
+      self_attention = layers.attention(cfg, "self_attention")
       cross_attention = layers.attention(cfg, "cross_attention")
+      attend_prefix = lambda h: self_attention(
+          h, h, mask=self_mask, deterministic=deterministic, sow_weights=True)
       attend_encoded = lambda h: cross_attention(
           h, encoded, mask=cross_mask, deterministic=deterministic,
           sow_weights=True)
-      self_attention = layers.attention(cfg, "self_attention")
-      attend_prefix = lambda h: self_attention(
-          h, h, mask=self_mask, deterministic=deterministic, sow_weights=True)
     y = layers.residual(cfg, "self_attention", y, attend_prefix, deterministic)
     y = layers.residual(cfg, "cross_attention", y, attend_encoded,
                         deterministic)
@@ -145,34 +149,29 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, encoded, decoder_inputs, self_mask, cross_mask,
-               tgt_positions=None, deterministic: bool = True,
-               prime: bool = False):
+               tgt_positions=None, deterministic: bool = True):
     """decoder_inputs: int [batch, tgt_len] -> [batch, tgt_len, d_model].
 
-    prime (decode only): fill every layer's cross-attention cache from
-    encoded and return None.
+    decode: the cache's one counter, ``position``, is the position of the
+    token fed (its positional encoding and its slot in every layer's cache).
     """
     cfg = self.config
-    if prime:
-      for i in range(cfg.num_decoder_layers):
-        DecoderLayer(cfg, decode=True, name=f"layers_{i}")(
-            None, encoded, None, None, True, prime=True)
-      return None
+    index = None
     if self.decode:
-      # The position of the token being fed, kept in the cache with the keys.
       initialized = self.has_variable("cache", "position")
       position = self.variable("cache", "position",
                                lambda: jnp.zeros((), jnp.int32))
       if initialized:
-        tgt_positions = jnp.broadcast_to(position.value, decoder_inputs.shape)
-        position.value = position.value + 1
+        index = position.value
+        tgt_positions = jnp.broadcast_to(index, decoder_inputs.shape)
+        position.value = index + 1
     if tgt_positions is None:
       tgt_positions = _default_positions(decoder_inputs)
     y = layers.embed_tokens(cfg, self.embed, decoder_inputs, tgt_positions,
                             layers.dropout(cfg), deterministic)
     for i in range(cfg.num_decoder_layers):
       y = DecoderLayer(cfg, decode=self.decode, name=f"layers_{i}")(
-          y, encoded, self_mask, cross_mask, deterministic)
+          y, encoded, self_mask, cross_mask, deterministic, index)
     if cfg.pre_ln:
       y = layers.layer_norm(cfg, "final_norm")(y)
     return y
@@ -238,13 +237,6 @@ class Transformer(nn.Module):
         logits, ("activation_batch", "activation_length", "activation_vocab"))
     return logits.astype(jnp.float32)
 
-  def prime_cache(self, encoded):
-    """use_cache=True: project ``encoded`` [batch, src_len, d_model] into every
-    decoder layer's cross-attention keys/values (call with mutable=["cache"])."""
-    if not self.use_cache:
-      raise ValueError("prime_cache needs Transformer(config, use_cache=True)")
-    self.decoder(encoded, None, None, None, prime=True)
-
   def __call__(self, src, tgt, src_segment_ids=None, tgt_segment_ids=None,
                src_positions=None, tgt_positions=None,
                deterministic: bool = True):
@@ -278,9 +270,13 @@ def init_cache(config: TransformerConfig, params, encoded,
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), src, tgt))
   cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                        nn.unbox(shapes["cache"]))
-  _, variables = model.apply({"params": params, "cache": cache}, encoded,
-                             method=Transformer.prime_cache, mutable=["cache"])
-  return variables["cache"]
+  for i in range(config.num_decoder_layers):
+    layer = f"layers_{i}"
+    key, value = layers.cross_keys_values(
+        config, params["decoder"][layer]["cross_attention"], encoded)
+    cache["decoder"][layer]["cross_attention"] = {"cross_key": key,
+                                                  "cross_value": value}
+  return cache
 
 
 def attention_weights(config: TransformerConfig, params, src, tgt

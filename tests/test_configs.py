@@ -4,6 +4,7 @@ the TPU VM scripts' dry runs print the commands they would run."""
 import importlib.util
 import pathlib
 import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +47,54 @@ def test_config_builds_its_model_and_optimizer_abstractly(path):
   opt_state = jax.eval_shape(tx.init, params)
   assert jax.tree.leaves(opt_state)
   assert config.batch_size > 0 and config.num_train_steps > 0
+
+
+def test_config_model_fields_are_the_models():
+  """config.model has one typed placeholder per TransformerConfig field, so
+  every model field can be set from the command line."""
+  import dataclasses
+  from experiments import configs
+  from model import TransformerConfig
+  fields = {f.name: f.type for f in dataclasses.fields(TransformerConfig)}
+  assert set(configs.MODEL_FIELDS) == set(fields)
+  for name, kind in configs.MODEL_FIELDS.items():
+    assert str(fields[name]).split("|")[0].strip() == kind.__name__, name
+
+
+def test_logical_axis_rules_cover_the_models_names():
+  """Every logical axis name the model uses (params and activations) has a
+  rule, and every rule names an axis the model uses."""
+  import flax.linen as nn
+  from experiments import configs
+  from model import TransformerConfig
+  cfg = TransformerConfig.preset("tiny")
+  tokens = jnp.ones((1, 8), jnp.int32)
+  boxed = jax.eval_shape(
+      lambda: Transformer(cfg).init(jax.random.key(0), tokens, tokens))
+  specs = jax.tree.leaves(
+      nn.get_partition_spec(boxed),
+      is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  used = {axis for spec in specs for axis in spec if axis}
+  model_source = "".join(p.read_text() for p in (ROOT / "model").glob("*.py"))
+  used.update(n for n in ("activation_batch", "activation_length",
+                          "activation_embed", "activation_mlp",
+                          "activation_vocab") if f'"{n}"' in model_source)
+  ruled = {name for name, _ in configs.LOGICAL_AXIS_RULES}
+  assert used == ruled
+
+
+def test_configs_import_only_ml_collections():
+  """Configs are data: loading one imports nothing of model/, train/ or
+  tokenizer/ (a fresh interpreter, so nothing is preloaded)."""
+  code = ("import sys, importlib.util as u\n"
+          "for name in ('tiny', 'bible_es_en', 'wmt14_en_de_big', 'wmt17_de_en'):\n"
+          "  s = u.spec_from_file_location(name, f'experiments/configs/{name}.py')\n"
+          "  m = u.module_from_spec(s); s.loader.exec_module(m); m.get_config()\n"
+          "print(sorted(n for n in sys.modules if n.split('.')[0] in "
+          "('model', 'train', 'tokenizer', 'jax', 'flax')))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, text=True,
+                       capture_output=True, check=True).stdout
+  assert out.strip() == "[]"
 
 
 def test_paper_configs_use_the_papers_settings():

@@ -41,18 +41,42 @@ def num_params(tree):
 
 # ----------------------------------------------------------------- config ---
 
-def test_base_parameter_count_matches_closed_form():
-  V, d, h, d_ff, N = 37000, 512, 8, 2048, 6
-  attention = 4 * (d * d + d)                    # W^Q, W^K, W^V, W^O + biases
+def closed_form_count(V, d, d_ff, N, attention_bias=False, pre_ln=False):
+  attention = 4 * d * d + (4 * d if attention_bias else 0)  # W^Q,K,V,O (+ b)
   ffn = (d * d_ff + d_ff) + (d_ff * d + d)       # W1, b1, W2, b2
   layer_norm = 2 * d                             # gain and bias
   encoder_layer = attention + ffn + 2 * layer_norm
   decoder_layer = 2 * attention + ffn + 3 * layer_norm
-  expected = V * d + N * encoder_layer + N * decoder_layer  # one shared matrix
-  cfg = TransformerConfig.preset("base")
+  final_norms = 2 * layer_norm if pre_ln else 0  # one per stack
+  return V * d + N * encoder_layer + N * decoder_layer + final_norms
+
+
+@pytest.mark.parametrize("preset, changes, expected", [
+    ("base", {}, 63_045_632),                     # the paper's: no biases
+    ("base", {"attention_bias": True}, 63_082_496),
+    ("small", {}, 7_568_384),
+    ("small", {"pre_ln": True}, 7_569_408),       # + two final LayerNorms
+    ("tiny", {}, 44_032),
+])
+def test_parameter_count_matches_closed_form(preset, changes, expected):
+  cfg = TransformerConfig.preset(preset, **changes)
   shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-  assert num_params(shapes) == expected == 63_082_496
-  assert h == cfg.num_heads
+  assert cfg.num_encoder_layers == cfg.num_decoder_layers
+  assert num_params(shapes) == expected == closed_form_count(
+      cfg.vocab_size, cfg.d_model, cfg.d_ff, cfg.num_encoder_layers,
+      cfg.attention_bias, cfg.pre_ln)
+
+
+def test_records_saved_before_attention_bias_existed_load_with_biases():
+  record = TransformerConfig.preset("tiny").to_dict()
+  del record["attention_bias"]
+  assert TransformerConfig.from_dict(record).attention_bias is True
+  assert TransformerConfig.preset("tiny").attention_bias is False
+  params = init_params(TransformerConfig.from_dict(record), jax.random.key(0))
+  attention = params["encoder"]["layers_0"]["self_attention"]
+  assert attention["query"]["bias"].shape == (4, 8)
+  assert "bias" not in init_params(TINY, jax.random.key(0))[
+      "encoder"]["layers_0"]["self_attention"]["query"]
 
 
 def test_separate_vocabularies_have_their_own_matrices():
@@ -256,7 +280,7 @@ def np_multi_head(q_in, kv_in, p, mask):
   outs = []
   for h in range(heads):
     w = lambda name: p[name]["kernel"][:, h, :]
-    b = lambda name: p[name]["bias"][h]
+    b = lambda name: p[name]["bias"][h] if "bias" in p[name] else 0.0
     q = q_in @ w("query") + b("query")
     k = kv_in @ w("key") + b("key")
     v = kv_in @ w("value") + b("value")
@@ -266,7 +290,7 @@ def np_multi_head(q_in, kv_in, p, mask):
     outs.append(scores / scores.sum(-1, keepdims=True) @ v)
   concat = np.concatenate(outs, -1)                       # [.., len, d_model]
   w_o = p["out"]["kernel"].reshape(d_model, d_model)
-  return concat @ w_o + p["out"]["bias"]
+  return concat @ w_o + p["out"].get("bias", 0.0)
 
 
 def np_ffn(x, p):

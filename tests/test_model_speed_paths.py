@@ -56,13 +56,18 @@ def test_bf16_matmuls_accumulate_in_float32():
     assert e.outvars[0].aval.dtype == jnp.float32, e
 
 
-def test_low_precision_attention_in_float32_equals_flax_default():
+def test_attention_kernel_in_float32_equals_flax_default():
   q, k, v = (jax.random.normal(jax.random.key(i), (2, 5, 4, 8)) for i in range(3))
   mask = nn.make_attention_mask(jnp.ones((2, 5)), jnp.arange(5)[None] < 3)
   mask = jnp.broadcast_to(mask, (2, 1, 5, 5))
-  ours = layers.low_precision_attention(q, k, v, mask=mask, dtype=jnp.float32)
+  ours = layers.dot_product_attention(q, k, v, mask=mask, dtype=jnp.float32)
   flax_default = nn.dot_product_attention(q, k, v, mask=mask)
   np.testing.assert_allclose(ours, flax_default, atol=1e-6)
+  # The decoding caches' heads-major layout: the same numbers.
+  heads_major = layers.dot_product_attention(
+      q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask=mask,
+      dtype=jnp.float32, kv_heads_major=True)
+  np.testing.assert_allclose(heads_major, flax_default, atol=1e-6)
 
 
 def test_bf16_attention_weights_are_distributions():
