@@ -13,6 +13,9 @@ Conventions shared by all searches:
     hypothesis that reaches its limit is ended with EOS_ID (the model's own
     log-probability of eos is what it scores).
   * PAD_ID is the decoder's start symbol and is never generated.
+  * A non-empty source (more than its eos) never gets an empty translation:
+    eos is not allowed as the first output token of such a row
+    (``_forbid_empty_output``); an empty source may end at once.
   * Returned sequences exclude the start symbol, end with EOS_ID and are
     PAD_ID after it: int32 [batch, max_decode_len]
     (beam search: [batch, beam, max_decode_len], best first).
@@ -98,6 +101,20 @@ def _recomputed_step(config, params, encoded, src, seqs, step):
 def _mask_pad(logits):
   """PAD_ID is the start symbol, never an output."""
   return logits.at[..., PAD_ID].set(NEG_INF)
+
+
+def _forbid_empty_output(scores, step, src):
+  """No eos as the first token of a row whose source is non-empty.
+
+  scores: [batch, ..., vocab] logits or log-probabilities of the token at
+  ``step``; src: int [batch, src_len]. Rows of a non-empty source (more than
+  its eos) get -inf for eos at step 0.
+  """
+  non_empty = jnp.sum(src != PAD_ID, axis=1) > 1
+  first = (step == 0) & non_empty
+  first = first.reshape(first.shape + (1,) * (scores.ndim - 1))
+  return jnp.where(first & (jnp.arange(scores.shape[-1]) == EOS_ID), NEG_INF,
+                   scores)
 
 
 # --------------------------------------------------------------------------
@@ -189,7 +206,7 @@ def _one_hypothesis_loop(config, params, src, choose: Callable,
       logits, cache = _cached_step(config, params, encoded, src, fed, cache)
     else:
       logits = _recomputed_step(config, params, encoded, src, seqs, step)
-    token = choose(_mask_pad(logits), step)
+    token = choose(_forbid_empty_output(_mask_pad(logits), step, src), step)
     token = jnp.where(step + 1 >= limits, EOS_ID, token)  # length limit
     token = jnp.where(finished, PAD_ID, token)            # pad after eos
     seqs = lax.dynamic_update_slice_in_dim(seqs, token[:, None], step + 1,
@@ -334,8 +351,9 @@ def beam_search(config: TransformerConfig, params, src, *, beam_size: int = 4,
     fed = lax.dynamic_index_in_dim(alive_seqs, step, axis=2, keepdims=False)
     logits, cache = _cached_step(config, params, encoded, flat_src,
                                  fed.reshape(-1), state["cache"])
-    log_probs = jax.nn.log_softmax(_mask_pad(logits)).reshape(
-        batch, beam_size, vocab)
+    log_probs = _forbid_empty_output(
+        jax.nn.log_softmax(_mask_pad(logits)).reshape(batch, beam_size, vocab),
+        step, src)
     # At its length limit a hypothesis can only end.
     at_limit = (step + 1 >= limits)[:, None, None]
     log_probs = jnp.where(at_limit & (jnp.arange(vocab) != EOS_ID), NEG_INF,

@@ -136,9 +136,11 @@ def test_sampling_is_seeded_and_top_k_one_is_greedy(params, src):
 
 
 def _enumerated_scores(config, params, src_row, limit, alpha):
-  """{sequence: log P / lp} for every output of at most `limit` tokens."""
+  """{sequence: log P / lp} for every output of at most `limit` tokens (not
+  the empty one, if the source is non-empty: more than one token)."""
   real_tokens = range(EOS_ID + 1, config.vocab_size)
-  seqs = [prefix + (EOS_ID,) for length in range(limit)
+  shortest = 1 if int(np.sum(np.asarray(src_row) != PAD_ID)) > 1 else 0
+  seqs = [prefix + (EOS_ID,) for length in range(shortest, limit)
           for prefix in itertools.product(real_tokens, repeat=length)]
   # One teacher-forced batch, padded after eos (causality keeps the padding
   # out of the real positions).
@@ -180,4 +182,35 @@ def test_wide_beam_finds_the_best_of_all_sequences():
     np.testing.assert_allclose(found_scores[:len(ranked)],
                                [s for _, s in ranked], rtol=1e-5, atol=1e-5)
     assert np.all(found_scores[len(ranked):] == -np.inf)
-    assert len(scores) == sum(3 ** n for n in range(limits[row]))
+    empty_allowed = row == 1   # a one-token source counts as empty
+    assert len(scores) == sum(3 ** n for n in range(limits[row])) - (
+        0 if empty_allowed else 1)
+
+
+def test_no_empty_translation_of_a_non_empty_source():
+  # A model that always wants to stop: the last post-LN LayerNorm outputs its
+  # bias alone (scale 0), set to a long eos embedding, so the tied output
+  # layer scores eos far above every other token at every step.
+  params = _peaky_params(CONFIG, 5)
+  emb = params["shared_embedding"]["embedding"]
+  emb = emb.at[EOS_ID].multiply(10.0)
+  params["shared_embedding"]["embedding"] = emb
+  norm = params["decoder"]["layers_0"]["ffn_norm"]
+  norm["scale"] = jnp.zeros_like(norm["scale"])
+  norm["bias"] = emb[EOS_ID]
+  src = jnp.asarray([[7, 9, EOS_ID, PAD_ID],      # "Fin." and the like
+                     [EOS_ID, PAD_ID, PAD_ID, PAD_ID]], jnp.int32)  # empty
+  logits = Transformer(CONFIG).apply({"params": params}, src,
+                                     jnp.full((2, 1), EOS_ID, jnp.int32))
+  first_choice = jnp.argmax(logits[:, 0].at[:, PAD_ID].set(-jnp.inf), -1)
+  assert np.all(np.asarray(first_choice) == EOS_ID)  # the trap is set
+  outputs = {
+      "greedy": decoding.greedy_search(CONFIG, params, src, max_extra_len=4),
+      "beam": decoding.beam_search(CONFIG, params, src, beam_size=4,
+                                   max_extra_len=4).sequences[:, 0],
+      "sample": decoding.sample(CONFIG, params, src, jax.random.key(0),
+                                max_extra_len=4)}
+  for name, tokens in outputs.items():
+    ids = decoding.strip_special(tokens)
+    assert len(ids[0]) >= 1, name          # the non-empty source: words
+    assert ids[1] == [], name              # the empty source: nothing
