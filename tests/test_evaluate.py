@@ -39,10 +39,11 @@ TARGETS = [
 ]
 
 
-def make_workdir(path, steps=(10, 20, 30), distinct_last=True):
+def make_workdir(path, steps=(10, 20, 30), distinct_last=True, **model):
   """A workdir with a tokenizer and checkpoints of the `tiny` model.
 
   Steps share one random params tree, except the last one (distinct_last).
+  model: TransformerConfig fields changed from the preset.
   Returns (workdir, model_config, {step: params}).
   """
   workdir = str(path)
@@ -59,7 +60,7 @@ def make_workdir(path, steps=(10, 20, 30), distinct_last=True):
   config.data.eval_src_file = str(data_dir / "src.txt")
   config.data.eval_tgt_file = str(data_dir / "tgt.txt")
   model_config = TransformerConfig.preset("tiny", vocab_size=tok.vocab_size,
-                                          max_len=64)
+                                          max_len=64, **model)
   init = jax.jit(init_params, static_argnums=0)
   shared = init(model_config, jax.random.key(0))
   saved = {}
