@@ -2,6 +2,14 @@
 
     python -m benchmarks.decode [--workdir=<trained run>] [--num_verses=1063]
         [--batch_size=64] [--recompute_verses=64] [--methods=greedy,beam]
+    python -m benchmarks.decode --workdir=<trained run> --ctranslate2 [--repeats=3]
+
+With --ctranslate2: the same weights exported to CTranslate2
+(``train.export``), decoded by it in float32 and int8 beside this project's
+search, on the same verses in the same length-sorted batches, greedy and beam
+4 (alpha 0.6); each repetition times every system once, in turn, and the
+table gives medians, ratios against CTranslate2 float32, and each row's BLEU.
+CTranslate2 runs with intra_threads = the cores, inter_threads = 1.
 
 Decodes the `bible_es_en` test split (1,063 verses) with the `small` model:
 the workdir's params and tokenizer if --workdir is given, else random params
@@ -34,21 +42,27 @@ from train.translation import make_batches, truncate
 GOALS = {"greedy": 500.0, "beam4": 150.0, "cache_speedup": 5.0}
 
 
-def test_sources(args, notes):
+def test_sources(args, notes, trained=None):
   """(token id arrays, model config, params) of the test split.
 
   args: workdir, checkpoint, tokenizer, data_dir (see this module's flags);
-  notes: a list that receives what was used (trained or random params, ...).
+  notes: a list that receives what was used (trained or random params, ...);
+  trained: a dict that receives the loaded model and the references when
+  --workdir is given.
   """
   if args.workdir:
     loaded = inference.load(args.workdir,
                             inference.parse_checkpoint(args.checkpoint))
+    if trained is not None:
+      trained["loaded"] = loaded
     from train import input_pipeline  # pylint: disable=import-outside-toplevel
     data = loaded.experiment_config.data
     ev = input_pipeline.make_eval_data(data, loaded.tokenizer, 1, split="test",
                                        process_index=0, process_count=1)
     ids = [truncate(x, data.max_len)
            for x in loaded.tokenizer.encode_batch(ev.sources)]
+    if trained is not None:
+      trained["references"] = ev.references
     notes.append(f"trained params: {args.workdir} step {loaded.steps[0]}")
     return ids, loaded.model_config, loaded.params
   tok = None
@@ -85,6 +99,84 @@ def test_sources(args, notes):
   return ids, config, params
 
 
+def compare_ctranslate2(loaded, ids, references, args) -> None:
+  """Times and scores this project's searches against CTranslate2's."""
+  import os  # pylint: disable=import-outside-toplevel
+  import statistics  # pylint: disable=import-outside-toplevel
+  import tempfile  # pylint: disable=import-outside-toplevel
+  import ctranslate2  # pylint: disable=import-outside-toplevel
+  from train import evaluate, export  # pylint: disable=import-outside-toplevel
+
+  config, params, tok = loaded.model_config, loaded.params, loaded.tokenizer
+  piece_ids = {tok.id_to_piece(i): i for i in range(tok.vocab_size)}
+  batches = make_batches(ids, args.batch_size, config.max_len)
+  export_dir = export.export_ctranslate2(loaded, tempfile.mkdtemp())
+  cores = os.cpu_count() or 1
+  translators = {kind: ctranslate2.Translator(
+      str(export_dir), compute_type=kind, intra_threads=cores, inter_threads=1)
+                 for kind in ("float32", "int8")}
+
+  def ours(beam):
+    def run():
+      out = [[] for _ in ids]
+      for chunk, src in batches:
+        tokens = (decoding.beam_search(config, params, src, beam_size=4,
+                                       alpha=0.6).sequences[:, 0] if beam
+                  else decoding.greedy_search(config, params, src))
+        for i, row in zip(chunk, decoding.strip_special(tokens)):
+          out[i] = row
+      return out
+    return run
+
+  def theirs(kind, beam):
+    def run():
+      out = [[] for _ in ids]
+      for chunk, _ in batches:
+        pieces = [[tok.id_to_piece(int(t)) for t in ids[i]] for i in chunk]
+        longest = max(len(p) for p in pieces)
+        results = translators[kind].translate_batch(
+            pieces, beam_size=4 if beam else 1, length_penalty=0.6,
+            min_decoding_length=1,
+            max_decoding_length=min(longest + 49, config.max_len - 1),
+            max_batch_size=args.batch_size)
+        for i, r in zip(chunk, results):
+          out[i] = [piece_ids[p] for p in r.hypotheses[0]]
+      return out
+    return run
+
+  systems = {}
+  for beam in (False, True):
+    search = "beam4" if beam else "greedy"
+    systems[f"ours {search}"] = ours(beam)
+    for kind in ("float32", "int8"):
+      systems[f"ctranslate2 {kind} {search}"] = theirs(kind, beam)
+  outputs = {name: run() for name, run in systems.items()}  # warm-up/compile
+  times = {name: [] for name in systems}
+  for _ in range(args.repeats):
+    for name, run in systems.items():
+      start = time.perf_counter()
+      run()
+      times[name].append(time.perf_counter() - start)
+  rows = []
+  for name in systems:
+    seconds = statistics.median(times[name])
+    search = name.split()[-1]
+    base = statistics.median(times[f"ctranslate2 float32 {search}"])
+    hyps = tok.decode_batch(outputs[name])
+    scores = evaluate.score(hyps, references)
+    tokens = sum(len(o) + 1 for o in outputs[name])
+    rows.append(emit(dict(
+        machine(), benchmark="decode_vs_ctranslate2", system=name,
+        verses=len(ids), batch_size=args.batch_size, seconds=round(seconds, 2),
+        verses_per_s=round(len(ids) / seconds, 1),
+        output_tokens_per_s=round(tokens / seconds, 1),
+        speed_vs_ct2_float32=round(base / seconds, 2),
+        bleu=round(scores["bleu"], 2), repeats=args.repeats)))
+  print()
+  print(table(rows, ["system", "verses", "seconds", "verses_per_s",
+                     "output_tokens_per_s", "speed_vs_ct2_float32", "bleu"]))
+
+
 def _time_batches(fn, batches):
   """(seconds, output tokens) of fn(src) over batches; compiled beforehand."""
   for shape in sorted({src.shape for _, src in batches}):
@@ -106,10 +198,20 @@ def main():
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--recompute_verses", type=int, default=64)
   parser.add_argument("--methods", default="greedy,beam")
+  parser.add_argument("--ctranslate2", action="store_true",
+                      help="compare with CTranslate2 on the same weights")
+  parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
 
+  if args.ctranslate2 and not args.workdir:
+    parser.error("--ctranslate2 needs --workdir (a trained run)")
   notes: list[str] = []
-  ids, config, params = test_sources(args, notes)
+  trained: dict = {}
+  ids, config, params = test_sources(args, notes, trained)
+  if args.ctranslate2:
+    compare_ctranslate2(trained["loaded"], ids[:args.num_verses],
+                        trained["references"][:args.num_verses], args)
+    return
   ids = ids[:args.num_verses]
   batches = make_batches(ids, args.batch_size, config.max_len)
   common = dict(machine(), batch_size=args.batch_size,
