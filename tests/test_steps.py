@@ -26,6 +26,39 @@ def test_schedule_matches_paper_formula(d_model, warmup, scale):
   assert peak > float(schedule(warmup - 10)) and peak > float(schedule(warmup + 10))
 
 
+def test_decaying_schedules_by_hand():
+  # d_model 256, warm-up 100, scale 0.5, decay to 10% of the peak at s = 1100.
+  d_model, warmup, scale, decay, final = 256, 100, 0.5, 1100, 0.1
+  peak = 0.5 * 256**-0.5 * 100**-0.5                     # 0.003125
+  assert peak == pytest.approx(0.003125)
+  cosine = steps.learning_rate_schedule(d_model, warmup, scale, "cosine",
+                                        decay, final)
+  linear = steps.learning_rate_schedule(d_model, warmup, scale, "linear",
+                                        decay, final)
+  end = final * peak                                       # 0.0003125
+  # s = count + 1. Warm-up: s / warmup * peak; s = 50 -> 0.0015625.
+  for schedule in (cosine, linear):
+    np.testing.assert_allclose(float(schedule(49)), 0.0015625, rtol=1e-5)
+    np.testing.assert_allclose(float(schedule(99)), 0.003125, rtol=1e-5)
+    np.testing.assert_allclose(float(schedule(1099)), end, rtol=1e-5)
+    np.testing.assert_allclose(float(schedule(5000)), end, rtol=1e-5)
+  # Half-way through the decay (s = 600): cosine and linear both give the
+  # mid-point (end + peak) / 2 = 0.00171875; a quarter in (s = 350): cosine
+  # end + (peak - end) * (1 + cos(pi / 4)) / 2 = 0.00271311891..., linear
+  # peak - (peak - end) / 4 = 0.002421875.
+  np.testing.assert_allclose(float(cosine(599)), 0.00171875, rtol=1e-5)
+  np.testing.assert_allclose(float(linear(599)), 0.00171875, rtol=1e-5)
+  np.testing.assert_allclose(float(cosine(349)), 0.0027131189, rtol=1e-5)
+  np.testing.assert_allclose(float(linear(349)), 0.002421875, rtol=1e-5)
+
+
+def test_decaying_schedule_needs_its_length():
+  with pytest.raises(ValueError, match="decay_steps=0"):
+    steps.learning_rate_schedule(256, 100, 1.0, "cosine", 0)
+  with pytest.raises(ValueError, match="schedule='noam'"):
+    steps.learning_rate_schedule(256, 100, 1.0, "noam", 1000)
+
+
 def _numpy_losses(logits, targets, eps):
   vocab = logits.shape[-1]
   shifted = logits - logits.max(-1, keepdims=True)

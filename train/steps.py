@@ -57,30 +57,62 @@ class TrainState(flax.struct.PyTreeNode):
 
 # ---------------------------------------------------------------- schedule
 
-def learning_rate_schedule(d_model: int, warmup_steps: int = 4000,
-                           scale: float = 1.0) -> optax.Schedule:
-  """Section 5.3, eq. (3): scale * d_model^-0.5 * min(s^-0.5, s * warmup^-1.5).
+SCHEDULES = ("rsqrt", "cosine", "linear")
 
-  The returned function takes Optax's update count (0-based) and uses
-  s = count + 1, so the first update gets lr(1).
+
+def learning_rate_schedule(d_model: int, warmup_steps: int = 4000,
+                           scale: float = 1.0, kind: str = "rsqrt",
+                           decay_steps: int = 0,
+                           final_fraction: float = 0.0) -> optax.Schedule:
+  """The learning rate at each update; s = update count + 1 (lr(1) first).
+
+  rsqrt: section 5.3, eq. (3): scale * d_model^-0.5 * min(s^-0.5,
+    s * warmup^-1.5). It never anneals.
+  cosine, linear (departures, for a run of known length): a linear warm-up to
+    eq. (3)'s peak, scale * d_model^-0.5 * warmup^-0.5, at s = warmup_steps,
+    then a cosine or linear decay to final_fraction * peak at s =
+    decay_steps (and flat after).
   """
-  def schedule(count):
-    s = jnp.asarray(count, jnp.float32) + 1.0
-    return (scale * d_model**-0.5 *
-            jnp.minimum(s**-0.5, s * float(warmup_steps)**-1.5))
-  return schedule
+  if kind == "rsqrt":
+    def rsqrt(count):
+      s = jnp.asarray(count, jnp.float32) + 1.0
+      return (scale * d_model**-0.5 *
+              jnp.minimum(s**-0.5, s * float(warmup_steps)**-1.5))
+    return rsqrt
+  if kind not in SCHEDULES:
+    raise ValueError(f"config.optimizer.schedule={kind!r}; choose one of "
+                     f"{SCHEDULES}")
+  if decay_steps <= warmup_steps:
+    raise ValueError(
+        f"config.optimizer.decay_steps={decay_steps}: the {kind} schedule "
+        f"decays until that step, which must come after warmup_steps="
+        f"{warmup_steps}; set it to the run's num_train_steps")
+  peak = scale * d_model**-0.5 * warmup_steps**-0.5
+  end = final_fraction * peak
+  if kind == "cosine":
+    decay = optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps,
+                                               decay_steps, end)
+  else:
+    decay = optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, warmup_steps),
+         optax.linear_schedule(peak, end, decay_steps - warmup_steps)],
+        [warmup_steps])
+  return lambda count: decay(jnp.asarray(count) + 1)
 
 
 def make_optimizer(opt_config, d_model: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Adam + the paper's schedule, optional clipping and accumulation.
 
-  opt_config fields: learning_rate_scale, warmup_steps, adam_b1, adam_b2,
-  adam_eps, grad_clip_norm (0 = off), grad_accum_steps (1 = off),
+  opt_config fields: learning_rate_scale, warmup_steps, schedule,
+  decay_steps, final_lr_fraction (see ``learning_rate_schedule``), adam_b1,
+  adam_b2, adam_eps, grad_clip_norm (0 = off), grad_accum_steps (1 = off),
   weight_decay (0 = off, AdamW; a departure from the paper).
   """
-  schedule = learning_rate_schedule(d_model, opt_config.warmup_steps,
-                                    opt_config.learning_rate_scale)
+  schedule = learning_rate_schedule(
+      d_model, opt_config.warmup_steps, opt_config.learning_rate_scale,
+      opt_config.schedule, opt_config.decay_steps,
+      opt_config.final_lr_fraction)
   parts = []
   if opt_config.grad_clip_norm and opt_config.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(opt_config.grad_clip_norm))

@@ -115,8 +115,11 @@ def bleu_options(config) -> DecodeOptions:
 def make_runner(config, model_config: TransformerConfig, devices=None):
   """The steps of config.optimizer / label_smoothing, placed by
   config.parallelism, config.mesh and config.logical_axis_rules."""
-  parts = steps_lib.build(model_config, config.optimizer,
-                          config.label_smoothing)
+  optimizer = config.optimizer
+  if optimizer.schedule != "rsqrt" and optimizer.decay_steps == 0:
+    optimizer = ml_collections.ConfigDict(optimizer.to_dict())
+    optimizer.decay_steps = config.num_train_steps  # decay over the whole run
+  parts = steps_lib.build(model_config, optimizer, config.label_smoothing)
   return sharding.make_runner(
       parts, config.batch_size, parallelism=config.parallelism,
       mesh_config=config.mesh, rules=config.logical_axis_rules,

@@ -105,6 +105,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate_scale=1.0,   # lr = scale * d_model^-0.5 * min(...)
       warmup_steps=4000,
+      # 'rsqrt' (the paper's eq. 3) | 'cosine' | 'linear': warm-up to eq. 3's
+      # peak, then decay to final_lr_fraction of it at decay_steps (0: the
+      # run's num_train_steps). Departures, for runs of a known length.
+      schedule="rsqrt", decay_steps=0, final_lr_fraction=0.0,
       adam_b1=0.9, adam_b2=0.98, adam_eps=1e-9,
       grad_clip_norm=0.0,        # 0 = off (the paper does not clip)
       grad_accum_steps=1,        # >1: optax.MultiSteps over micro-batches
