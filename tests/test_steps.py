@@ -2,11 +2,10 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from experiments.configs import tiny
+from experiments.configs import base_config, tiny
 from model import TransformerConfig
 from train import steps
 from train.batches import SyntheticBatches
@@ -163,9 +162,8 @@ def numpy_adam(grads, lrs, b1=0.9, b2=0.98, eps=1e-9, clip=0.0):
 
 @pytest.mark.parametrize("clip", [0.0, 0.5])
 def test_optimizer_is_the_papers_adam_with_optional_clipping(clip):
-  opt = ml_collections.ConfigDict(dict(
-      learning_rate_scale=1.0, warmup_steps=10, adam_b1=0.9, adam_b2=0.98,
-      adam_eps=1e-9, grad_clip_norm=clip, grad_accum_steps=1, weight_decay=0.0))
+  opt = base_config().optimizer   # the paper's Adam(0.9, 0.98, 1e-9), rsqrt
+  opt.update(dict(warmup_steps=10, grad_clip_norm=clip))
   tx, schedule = steps.make_optimizer(opt, d_model=16)
   rng = np.random.default_rng(0)
   # Gradients of changing direction and size, so b2 = 0.98 and the clipping
