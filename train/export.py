@@ -43,6 +43,7 @@ from model import TransformerConfig, sinusoidal_table
 from train import cli, inference
 
 FORMATS = ("ctranslate2",)
+MIN_POSITIONS = 1024
 SPM_FILE = "spm.model"
 
 
@@ -117,7 +118,9 @@ def build_spec(config: TransformerConfig, params, vocabulary: list[str]):
   spec.decoder.embeddings.weight = target
   spec.encoder.scale_embeddings = True   # section 3.4: times sqrt(d_model)
   spec.decoder.scale_embeddings = True
-  table = sinusoidal_table(config.max_len, config.d_model)
+  # The table's formula holds at any position: a longer one lets CTranslate2
+  # run to its own length limits (max_decoding_length defaults to 256).
+  table = sinusoidal_table(max(config.max_len, MIN_POSITIONS), config.d_model)
   spec.encoder.position_encodings.encodings = table
   spec.decoder.position_encodings.encodings = table
   spec.decoder.projection.weight = output
