@@ -39,11 +39,14 @@ TARGETS = [
 ]
 
 
-def make_workdir(path, steps=(10, 20, 30), distinct_last=True, **model):
+def make_workdir(path, steps=(10, 20, 30), distinct_last=True,
+                 drop_fields=(), **model):
   """A workdir with a tokenizer and checkpoints of the `tiny` model.
 
   Steps share one random params tree, except the last one (distinct_last).
-  model: TransformerConfig fields changed from the preset.
+  model: TransformerConfig fields changed from the preset; drop_fields:
+  model fields left out of the saved record (a checkpoint written before
+  they existed).
   Returns (workdir, model_config, {step: params}).
   """
   workdir = str(path)
@@ -66,6 +69,8 @@ def make_workdir(path, steps=(10, 20, 30), distinct_last=True, **model):
   saved = {}
   ckpt = checkpointing.Checkpointer(workdir)
   record = checkpointing.config_record(config, model_config)
+  for field in drop_fields:
+    del record["model"][field]
   for i, step in enumerate(steps):
     last = i == len(steps) - 1
     params = (init(model_config, jax.random.key(1))
@@ -202,3 +207,14 @@ def test_max_sentences_scores_an_evenly_spaced_subset(workdir, tmp_path):
                        output_dir=tmp_path)
   every = open(whole["hypotheses_file"], encoding="utf-8").read().splitlines()
   assert hyps == [every[i] for i in (0, 2, 4)]
+
+
+def test_checkpoint_written_before_attention_bias_existed_restores(tmp_path):
+  # Records of that layout lack the field; their params have the biases.
+  path, model_config, saved = make_workdir(
+      tmp_path / "old", steps=(10,), attention_bias=True,
+      drop_fields=("attention_bias",))
+  loaded = inference.load(path)
+  assert loaded.model_config.attention_bias
+  jax.tree.map(np.testing.assert_array_equal, loaded.params, saved[10])
+  assert "bias" in loaded.params["encoder"]["layers_0"]["self_attention"]["query"]
