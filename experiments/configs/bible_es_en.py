@@ -28,6 +28,11 @@ steps of 25k-token batches on 8 GPUs):
   * departure for speed: dropout masks from one 32-bit random word per two
     elements (model.dropout_impl="paired_bits": same rate, other masks),
     measured ~9% less step time than nn.Dropout on this CPU;
+  * attention projections without biases (model.attention_bias=False, the
+    paper's). Measured on this corpus, same seed, 16 x 128 batches, both
+    runs side by side: validation loss 5.663 / 4.954 / 4.573 at steps
+    100 / 200 / 300 without biases against 5.668 / 4.943 / 4.577 with them,
+    step time ratio 1.01; no difference, so the paper's choice;
   * validation BLEU with greedy search on the first 128 validation verses
     every 1000 steps: the "best" checkpoint is chosen by it (never by test).
 Train for a wall-time budget with --config.max_minutes=30 (the loop stops at
@@ -45,6 +50,7 @@ def get_config():
   c.data.vocab_size = 8000
   c.batch_size = 16
   c.model.pre_ln = True
+  c.model.attention_bias = False
   c.optimizer.warmup_steps = 150
   c.optimizer.learning_rate_scale = 0.6
   c.num_train_steps = 100_000     # bounded by --config.max_minutes (quickstart --minutes)
