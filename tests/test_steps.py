@@ -51,6 +51,24 @@ def test_decaying_schedules_by_hand():
   np.testing.assert_allclose(float(linear(349)), 0.002421875, rtol=1e-5)
 
 
+def test_wsd_schedule_by_hand():
+  # d_model 256, warm-up 100, scale 0.5: peak 0.003125. Decay to 0 at
+  # s = 1100 over its last 20%: the peak is held from s = 100 to s = 880.
+  wsd = steps.learning_rate_schedule(256, 100, 0.5, "wsd", 1100, 0.0, 0.2)
+  np.testing.assert_allclose(float(wsd(49)), 0.0015625, rtol=1e-5)  # s = 50
+  for s in (100, 500, 880):
+    np.testing.assert_allclose(float(wsd(s - 1)), 0.003125, rtol=1e-5)
+  # s = 990: half-way down the 220 decaying steps; s = 1045: a quarter left.
+  np.testing.assert_allclose(float(wsd(989)), 0.0015625, rtol=1e-5)
+  np.testing.assert_allclose(float(wsd(1044)), 0.00078125, rtol=1e-5)
+  assert float(wsd(1099)) == pytest.approx(0.0, abs=1e-12)
+  assert float(wsd(3000)) == pytest.approx(0.0, abs=1e-12)
+  with pytest.raises(ValueError, match="inside the warm-up of 100 steps"):
+    steps.learning_rate_schedule(256, 100, 0.5, "wsd", 1100, 0.0, 0.95)
+  with pytest.raises(ValueError, match="wsd_decay_fraction=0.0"):
+    steps.learning_rate_schedule(256, 100, 0.5, "wsd", 1100, 0.0, 0.0)
+
+
 def test_decaying_schedule_needs_its_length():
   with pytest.raises(ValueError, match="decay_steps=0"):
     steps.learning_rate_schedule(256, 100, 1.0, "cosine", 0)

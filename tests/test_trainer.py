@@ -187,3 +187,73 @@ def test_sigterm_saves_and_exits_and_nan_stops(tmp_path):
   _, _, params, _ = inference.load_params(nan_dir, good)
   import jax
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_steps_in_budget_by_hand():
+  from train import trainer
+  # 100 s, 5 s of them compiling: 95 s at 0.5 s a step plus a 10 s
+  # validation pass every 20 steps (0.5 s a step more) = 95 steps.
+  assert trainer.steps_in_budget(100.0, 0.5, 10.0, 20, 5.0, margin=0.0) == 95
+  # 3% kept back: 97 - 5 = 92 s -> 92 steps; no evaluation: 184.
+  assert trainer.steps_in_budget(100.0, 0.5, 10.0, 20, 5.0, margin=0.03) == 92
+  assert trainer.steps_in_budget(100.0, 0.5, 10.0, 0, 5.0, margin=0.03) == 184
+  # A budget already spent holds no step.
+  assert trainer.steps_in_budget(-3.0, 0.5, 10.0, 20, 5.0) == 0
+
+
+def test_budget_timing_must_end_inside_the_warmup():
+  from model import ConfigError
+  from train import trainer
+  from experiments.configs import bible_es_en
+  config = bible_es_en.get_config()
+  config.max_minutes = 30.0
+  assert not trainer.plans_steps_from_time(config)  # rsqrt: nothing to plan
+  config.optimizer.schedule = "linear"
+  assert trainer.plans_steps_from_time(config)
+  trainer.check_budget_timing(config)  # 20 timed steps, warm-up 150
+  config.budget_timing_steps = 150
+  with pytest.raises(ConfigError, match="budget_timing_steps=150.*1 to 149"):
+    trainer.check_budget_timing(config)
+  config.optimizer.decay_steps = 910  # a fixed length: nothing to plan
+  assert not trainer.plans_steps_from_time(config)
+
+
+def test_budget_fixes_the_step_count_of_a_decaying_schedule(tmp_path):
+  # A linear schedule with a 60-minute budget times steps 2-4 (inside the
+  # 6-step warm-up) and a validation pass, then fixes the step count: here
+  # num_train_steps (12) caps it. Until then the run trained with a decay
+  # too long to reach; every step must equal a run launched with 12 steps.
+  common = {"synthetic_data": True, "log_every_steps": 1,
+            "eval_every_steps": 10**6, "num_eval_batches": 1,
+            "checkpoint_every_steps": 10**6, "optimizer.schedule": "linear",
+            "optimizer.warmup_steps": 6, "budget_timing_steps": 3,
+            "num_train_steps": 12}
+  planned, fixed = tmp_path / "planned", tmp_path / "fixed"
+  a = _start(planned, max_minutes=60, **common)
+  b = _start(fixed, **common)
+  (rc_a, out_a, err_a), (rc_b, _, err_b) = _finish(a), _finish(b)
+  assert rc_a == 0, err_a[-3000:]
+  assert rc_b == 0, err_b[-3000:]
+  assert "timing steps 2-4" in out_a
+  match = re.search(r"the budget holds (\d+) steps, num_train_steps caps the "
+                    r"run at 12; the linear schedule ends at step 12", out_a)
+  assert match and int(match[1]) > 12, out_a[-2000:]
+  record = json.loads((planned / "config.json").read_text())
+  assert record["num_train_steps"] == record["optimizer"]["decay_steps"] == 12
+
+  from train import metrics
+  def per_step(workdir, key):
+    return {r["step"]: r[key] for r in metrics.read_metrics(workdir)
+            if key in r}
+  for key in ("train_loss", "learning_rate"):
+    assert per_step(planned, key) == per_step(fixed, key), key
+  assert sorted(per_step(planned, "train_loss")) == list(range(1, 13))
+  lrs = per_step(planned, "learning_rate")
+  assert max(lrs, key=lrs.get) in (5, 6, 7) and lrs[12] < lrs[6] / 4
+
+  # A second launch keeps the fixed length: nothing left to train.
+  rc, out, err = _finish(_start(planned, max_minutes=60, **common))
+  assert rc == 0, err[-3000:]
+  assert "fixed at 12 steps by the budget of its first launch" in out
+  assert "it has trained them all" in out
+  assert sorted(per_step(planned, "train_loss")) == list(range(1, 13))

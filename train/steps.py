@@ -57,13 +57,14 @@ class TrainState(flax.struct.PyTreeNode):
 
 # ---------------------------------------------------------------- schedule
 
-SCHEDULES = ("rsqrt", "cosine", "linear")
+SCHEDULES = ("rsqrt", "cosine", "linear", "wsd")
 
 
 def learning_rate_schedule(d_model: int, warmup_steps: int = 4000,
                            scale: float = 1.0, kind: str = "rsqrt",
                            decay_steps: int = 0,
-                           final_fraction: float = 0.0) -> optax.Schedule:
+                           final_fraction: float = 0.0,
+                           wsd_decay_fraction: float = 0.2) -> optax.Schedule:
   """The learning rate at each update; s = update count + 1 (lr(1) first).
 
   rsqrt: section 5.3, eq. (3): scale * d_model^-0.5 * min(s^-0.5,
@@ -72,6 +73,10 @@ def learning_rate_schedule(d_model: int, warmup_steps: int = 4000,
     eq. (3)'s peak, scale * d_model^-0.5 * warmup^-0.5, at s = warmup_steps,
     then a cosine or linear decay to final_fraction * peak at s =
     decay_steps (and flat after).
+  wsd (warm-up, stable, decay; Hu et al. 2024, Hägele et al. 2024): the same
+    warm-up, the peak held, then a linear decay to final_fraction * peak
+    over the last wsd_decay_fraction of the run's decay_steps: from s =
+    decay_steps - round(wsd_decay_fraction * decay_steps) to decay_steps.
   """
   if kind == "rsqrt":
     def rsqrt(count):
@@ -92,6 +97,21 @@ def learning_rate_schedule(d_model: int, warmup_steps: int = 4000,
   if kind == "cosine":
     decay = optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps,
                                                decay_steps, end)
+  elif kind == "wsd":
+    if not 0.0 < wsd_decay_fraction <= 1.0:
+      raise ValueError(f"config.optimizer.wsd_decay_fraction="
+                       f"{wsd_decay_fraction}: choose a share in (0, 1]")
+    start = decay_steps - round(wsd_decay_fraction * decay_steps)
+    if start < warmup_steps:
+      raise ValueError(
+          f"config.optimizer.wsd_decay_fraction={wsd_decay_fraction}: the "
+          f"decay would start at step {start}, inside the warm-up of "
+          f"{warmup_steps} steps; lower it or train for more steps")
+    decay = optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, warmup_steps),
+         optax.constant_schedule(peak),
+         optax.linear_schedule(peak, end, decay_steps - start)],
+        [warmup_steps, start])
   else:
     decay = optax.join_schedules(
         [optax.linear_schedule(0.0, peak, warmup_steps),
@@ -105,14 +125,15 @@ def make_optimizer(opt_config, d_model: int
   """Adam + the paper's schedule, optional clipping and accumulation.
 
   opt_config fields: learning_rate_scale, warmup_steps, schedule,
-  decay_steps, final_lr_fraction (see ``learning_rate_schedule``), adam_b1,
+  decay_steps, final_lr_fraction, wsd_decay_fraction (see
+  ``learning_rate_schedule``), adam_b1,
   adam_b2, adam_eps, grad_clip_norm (0 = off), grad_accum_steps (1 = off),
   weight_decay (0 = off, AdamW; a departure from the paper).
   """
   schedule = learning_rate_schedule(
       d_model, opt_config.warmup_steps, opt_config.learning_rate_scale,
       opt_config.schedule, opt_config.decay_steps,
-      opt_config.final_lr_fraction)
+      opt_config.final_lr_fraction, opt_config.get("wsd_decay_fraction", 0.2))
   parts = []
   if opt_config.grad_clip_norm and opt_config.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(opt_config.grad_clip_norm))

@@ -13,7 +13,9 @@
 3. the resolved config is written to ``<workdir>/config.json``;
 4. the loop trains until ``num_train_steps`` or the wall-time budget
    ``max_minutes`` (wall time of this launch, data preparation and compilation
-   included; the final evaluation and checkpoint follow it) or SIGTERM
+   included; the final evaluation and checkpoint follow it; a decaying
+   schedule first fixes how many steps the budget holds, see
+   ``plans_steps_from_time``) or SIGTERM
    (checkpoint, then exit 0; multi-host: agreed at log steps), evaluating the
    validation loss every ``eval_every_steps``, BLEU every
    ``eval_bleu_every_steps``, checkpointing every ``checkpoint_every_steps``
@@ -39,7 +41,7 @@ from absl import logging
 from etils import epath
 
 import tokenizer as tokenizer_lib
-from model import TransformerConfig
+from model import ConfigError, TransformerConfig
 from train import checkpointing, evaluate, input_pipeline, sharding
 from train import steps as steps_lib
 from train.batches import SyntheticBatches, SyntheticEval, trim_padding
@@ -114,7 +116,10 @@ def bleu_options(config) -> DecodeOptions:
 
 def make_runner(config, model_config: TransformerConfig, devices=None):
   """The steps of config.optimizer / label_smoothing, placed by
-  config.parallelism, config.mesh and config.logical_axis_rules."""
+  config.parallelism, config.mesh and config.logical_axis_rules.
+
+  A decaying schedule without decay_steps decays over num_train_steps.
+  """
   optimizer = config.optimizer
   if optimizer.schedule != "rsqrt" and optimizer.decay_steps == 0:
     optimizer = ml_collections.ConfigDict(optimizer.to_dict())
@@ -248,6 +253,94 @@ class StepMetrics:
     return out
 
 
+# ---------------------------------------------------------------- a budget's step count
+
+# Share of a budget that planning keeps back for what it does not time: BLEU
+# decoding, checkpoint writes, a machine that slows down during the run.
+BUDGET_MARGIN = 0.03
+PROVISIONAL_DECAY_STEPS = 2**30
+
+
+def plans_steps_from_time(config) -> bool:
+  """Whether this launch fixes its step count by timing its first steps.
+
+  A decaying schedule must know where it ends. With a wall-time budget
+  (max_minutes) and no decay_steps, the loop times budget_timing_steps steps
+  (after the first, which compiles) and one validation pass, then fixes
+  num_train_steps = decay_steps to what the rest of the budget holds (never
+  more than the config's num_train_steps). The timed steps fall inside the
+  warm-up, whose learning rates do not depend on the step count, so the run
+  is the same as one launched with that num_train_steps and no budget.
+  """
+  return (config.optimizer.schedule != "rsqrt" and
+          config.optimizer.decay_steps == 0 and config.max_minutes > 0)
+
+
+def with_provisional_length(config):
+  """The config the timed steps run with: a decay too long to reach.
+
+  Until the step count is fixed only the warm-up runs, whose learning rates
+  do not depend on decay_steps.
+  """
+  provisional = ml_collections.ConfigDict(config.to_dict())
+  provisional.optimizer.decay_steps = PROVISIONAL_DECAY_STEPS
+  return provisional
+
+
+def check_budget_timing(config) -> None:
+  """ConfigError unless the timed steps end inside the warm-up."""
+  timed, warmup = config.budget_timing_steps, config.optimizer.warmup_steps
+  if config.num_train_steps <= warmup:
+    raise ConfigError(
+        f"config.num_train_steps={config.num_train_steps}: a "
+        f"{config.optimizer.schedule} schedule decays after "
+        f"optimizer.warmup_steps={warmup}; train for more steps")
+  if timed < 1 or timed + 1 > warmup:
+    raise ConfigError(
+        f"config.budget_timing_steps={timed}: a {config.optimizer.schedule} "
+        "schedule with --config.max_minutes times that many steps (after the "
+        "compiling one) to fix the run's length, which must end within "
+        f"optimizer.warmup_steps={warmup}: choose 1 to {warmup - 1}, or set "
+        "optimizer.decay_steps (or num_train_steps with max_minutes=0)")
+
+
+def steps_in_budget(seconds: float, step_seconds: float, eval_seconds: float,
+                    eval_every: int, compile_seconds: float,
+                    margin: float = BUDGET_MARGIN) -> int:
+  """How many more train steps fit in ``seconds`` of wall time.
+
+  Each step costs step_seconds and every eval_every-th one a validation pass
+  more (eval_seconds); the train step compiles once more for the schedule of
+  the fixed length (compile_seconds); ``margin`` of the time is kept back.
+  """
+  usable = seconds * (1.0 - margin) - compile_seconds
+  per_step = step_seconds + (eval_seconds / eval_every if eval_every > 0
+                             else 0.0)
+  return max(0, int(usable // per_step))
+
+
+class StepTimer:
+  """Times the steps of this launch after the first (which compiles)."""
+
+  def __init__(self, first_step: int, timed_steps: int):
+    self.compiled_at = first_step + 1
+    self.done_at = first_step + 1 + timed_steps
+    self.start = time.time()
+    self.compile_seconds = 0.0
+    self._t = 0.0
+
+  def step_seconds(self, step: int, step_metrics) -> float | None:
+    """Seconds per step once ``step`` is the last timed one, else None."""
+    if step == self.compiled_at:
+      jax.block_until_ready(step_metrics)
+      self._t = time.time()
+      self.compile_seconds = self._t - self.start
+    elif step == self.done_at:
+      jax.block_until_ready(step_metrics)
+      return (time.time() - self._t) / (self.done_at - self.compiled_at)
+    return None
+
+
 def restore_or_init(ckpt, runner, train_iter, record, rng, checkpoint_step,
                     say) -> Any:
   """The train state: the chosen (or newest restorable) checkpoint, or new.
@@ -286,6 +379,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   checkpoint_step: resume from this step instead of the newest checkpoint.
   """
   start_time = time.time()
+  # This run's copy: a budget may fix its step count (plans_steps_from_time).
+  config = ml_collections.ConfigDict(config.to_dict())
+  planned = plans_steps_from_time(config)
+  if planned:
+    check_budget_timing(config)
+  elif config.optimizer.schedule != "rsqrt" and config.optimizer.decay_steps == 0:
+    # Written out, so that the record says where the schedule ends.
+    config.optimizer.decay_steps = config.num_train_steps
   sharding.maybe_initialize_distributed(config.distributed)
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -296,7 +397,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   tok, vocab_size = load_tokenizer(config, workdir)
   model_config = model_config_for(config, vocab_size)
   record = checkpointing.config_record(config, model_config)
-  runner = make_runner(config, model_config)
+  runner = make_runner(with_provisional_length(config) if planned else config,
+                       model_config)
   ckpt = checkpointing.Checkpointer(
       workdir, config.checkpoint, bleu=config.eval_bleu_every_steps > 0)
   train_iter, eval_data = make_data(config, tok, vocab_size)
@@ -306,6 +408,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   save_config(record, workdir)  # only once the config is known to fit
   say(f"Model: {model_config}")
   step = int(jax.device_get(runner.state_for_checkpoint(state).step))
+  if planned and step > 0:
+    saved = ckpt.restore_config(step)["experiment"]
+    fixed = saved.get("optimizer", {}).get("decay_steps", 0)
+    if fixed > 0:  # fixed by the launch that started the run: kept
+      planned = False
+      config.num_train_steps = config.optimizer.decay_steps = fixed
+      record = checkpointing.config_record(config, model_config)
+      save_config(record, workdir)
+      runner = make_runner(config, model_config)
+      say(f"This run's length was fixed at {fixed} steps by the budget of its "
+          f"first launch (its {config.optimizer.schedule} schedule ends "
+          "there)" + (": it has trained them all. To train longer, start "
+                        "a new --workdir with a larger --config.max_minutes"
+                        if step >= fixed else ""))
+    elif step + 1 + config.budget_timing_steps > config.optimizer.warmup_steps:
+      raise ConfigError(
+          f"the checkpoint of step {step} in {ckpt.directory} records no step "
+          "count, and steps timed from there would end past optimizer."
+          f"warmup_steps={config.optimizer.warmup_steps}: set "
+          "--config.optimizer.decay_steps (the step the schedule ends at)")
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
       runner.abstract_state().params))
   say(f"{num_params:,} parameters; step {step}; devices: "
@@ -317,9 +439,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   metrics, last_metrics, last_eval = StepMetrics(), {}, {}
   last_good = ckpt.latest_step()
   total = config.num_train_steps
-  say(f"Training to step {total}" + (f" or for {config.max_minutes:g} min"
-                                      if config.max_minutes > 0 else "")
-      + " (the first step compiles; it can take a while)")
+  timer = StepTimer(step, config.budget_timing_steps) if planned else None
+  if timer is not None:
+    say(f"Training for {config.max_minutes:g} min: timing steps {step + 2}-"
+        f"{timer.done_at} and a validation pass to fix the step count of the "
+        f"{config.optimizer.schedule} schedule (the first step compiles; it "
+        "can take a while)")
+  else:
+    say(f"Training to step {total}" + (f" or for {config.max_minutes:g} min"
+                                        if config.max_minutes > 0 else "")
+        + " (the first step compiles; it can take a while)")
   try:
     with StopRequest(config.max_minutes, start_time) as stop:
       while step < total:
@@ -327,6 +456,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             state, runner.place_batch(next(train_iter)), dropout_rng)
         step += 1
         metrics.add(step, step_metrics)
+        step_seconds = timer and timer.step_seconds(step, step_metrics)
+        if step_seconds:
+          eval_start = time.time()
+          last_eval = evaluate_loss(runner, state.params, eval_data,
+                                    config.num_eval_batches)
+          eval_seconds = time.time() - eval_start
+          writer.write(step, last_eval)
+          fit = step + steps_in_budget(
+              stop.seconds_left(), step_seconds, eval_seconds,
+              config.eval_every_steps, timer.compile_seconds)
+          if jax.process_count() > 1:  # every host trains the same steps
+            from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+            fit = int(multihost_utils.broadcast_one_to_all(np.int32(fit)))
+          total = min(fit, config.num_train_steps)
+          if total <= config.optimizer.warmup_steps:
+            raise ConfigError(
+                f"--config.max_minutes={config.max_minutes:g} holds {fit} "
+                f"steps at {step_seconds:.2f} s a step, no more than "
+                f"optimizer.warmup_steps={config.optimizer.warmup_steps}: "
+                "raise max_minutes or lower warmup_steps")
+          config.num_train_steps = config.optimizer.decay_steps = total
+          record = checkpointing.config_record(config, model_config)
+          save_config(record, workdir)
+          runner = make_runner(config, model_config)  # compiles once more
+          timer = None
+          say(f"Timed: {step_seconds:.2f} s a step, {eval_seconds:.1f} s a "
+              f"validation pass (eval_loss {last_eval.get('eval_loss', 0):.4f}"
+              f"): the budget holds {fit} steps" + (
+                  "" if total == fit else
+                  f", num_train_steps caps the run at {total}") + "; the "
+              f"{config.optimizer.schedule} schedule ends at step "
+              f"{total} (the same run: --config.num_train_steps={total} "
+              "--config.max_minutes=0)")
         at_log_step = step % config.log_every_steps == 0
         finishing = step >= total or stop.requested(at_log_step)
         # On SIGTERM save first and fast: no final evaluation.

@@ -105,10 +105,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate_scale=1.0,   # lr = scale * d_model^-0.5 * min(...)
       warmup_steps=4000,
-      # 'rsqrt' (the paper's eq. 3) | 'cosine' | 'linear': warm-up to eq. 3's
-      # peak, then decay to final_lr_fraction of it at decay_steps (0: the
-      # run's num_train_steps). Departures, for runs of a known length.
+      # 'rsqrt' (the paper's eq. 3) | 'cosine' | 'linear' | 'wsd': warm-up to
+      # eq. 3's peak, then decay to final_lr_fraction of it at decay_steps (0:
+      # the run's num_train_steps); 'wsd' holds the peak and decays over the
+      # last wsd_decay_fraction of the run. Departures, for runs of a known
+      # length (train/steps.py, learning_rate_schedule).
       schedule="rsqrt", decay_steps=0, final_lr_fraction=0.0,
+      wsd_decay_fraction=0.2,
       adam_b1=0.9, adam_b2=0.98, adam_eps=1e-9,
       grad_clip_norm=0.0,        # 0 = off (the paper does not clip)
       grad_accum_steps=1,        # >1: optax.MultiSteps over micro-batches
@@ -116,9 +119,14 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   # Length of training: whichever comes first. max_minutes: wall time of one
-  # launch (data prep + compile included), 0 = no budget.
+  # launch (data prep + compile included), 0 = no budget. A decaying schedule
+  # (optimizer.schedule cosine / linear, decay_steps 0) with a budget times
+  # budget_timing_steps steps after the first and one validation pass, then
+  # fixes num_train_steps to what the budget holds (train/trainer.py,
+  # plans_steps_from_time); the timed steps must end inside the warm-up.
   c.num_train_steps = 100_000
   c.max_minutes = 0.0
+  c.budget_timing_steps = 20
 
   # Loop cadence (in steps).
   c.log_every_steps = 50
