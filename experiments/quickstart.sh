@@ -112,9 +112,9 @@ bleu = json.loads(tests[-1].read_text())["bleu"] if tests else float("nan")
 rate = statistics.median(rates) if rates else float("nan")
 print(f"  {step:,} training steps in all, at a median {rate:.2f} steps/s; test BLEU {bleu:.1f}")
 print("  BLEU follows the steps, not the minutes: this shared 2-core machine runs\n"
-      "  0.5 to 1.4 steps/s from day to day. The README's results table gives the\n"
-      "  BLEU measured at each number of steps; a slow day's 30 minutes is ~900\n"
-      "  steps, a fast day's ~2,400. To train further, run this again (it resumes).")
+      "  0.6 to 1.5 steps/s from day to day. The README's results table gives the\n"
+      "  BLEU measured at each number of steps; a slow day's 30 minutes is ~1,000\n"
+      "  steps, a fast day's ~2,650. To train further, run this again (it resumes).")
 EOF
 
 cat <<EOF
