@@ -76,7 +76,8 @@ def learning_rate_schedule(d_model: int, warmup_steps: int = 4000,
   wsd (warm-up, stable, decay; Hu et al. 2024, Hägele et al. 2024): the same
     warm-up, the peak held, then a linear decay to final_fraction * peak
     over the last wsd_decay_fraction of the run's decay_steps: from s =
-    decay_steps - round(wsd_decay_fraction * decay_steps) to decay_steps.
+    decay_steps - round(wsd_decay_fraction * decay_steps) (at least one
+    step before it) to decay_steps.
   """
   if kind == "rsqrt":
     def rsqrt(count):
@@ -101,7 +102,7 @@ def learning_rate_schedule(d_model: int, warmup_steps: int = 4000,
     if not 0.0 < wsd_decay_fraction <= 1.0:
       raise ValueError(f"config.optimizer.wsd_decay_fraction="
                        f"{wsd_decay_fraction}: choose a share in (0, 1]")
-    start = decay_steps - round(wsd_decay_fraction * decay_steps)
+    start = decay_steps - max(1, round(wsd_decay_fraction * decay_steps))
     if start < warmup_steps:
       raise ValueError(
           f"config.optimizer.wsd_decay_fraction={wsd_decay_fraction}: the "

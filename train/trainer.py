@@ -479,7 +479,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           config.num_train_steps = config.optimizer.decay_steps = total
           record = checkpointing.config_record(config, model_config)
           save_config(record, workdir)
-          runner = make_runner(config, model_config)  # compiles once more
+          try:
+            runner = make_runner(config, model_config)  # compiles once more
+          except ValueError as e:  # the schedule does not fit the length
+            raise ConfigError(f"the budget holds {total} steps: {e}") from e
           timer = None
           say(f"Timed: {step_seconds:.2f} s a step, {eval_seconds:.1f} s a "
               f"validation pass (eval_loss {last_eval.get('eval_loss', 0):.4f}"

@@ -120,7 +120,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Length of training: whichever comes first. max_minutes: wall time of one
   # launch (data prep + compile included), 0 = no budget. A decaying schedule
-  # (optimizer.schedule cosine / linear, decay_steps 0) with a budget times
+  # (optimizer.schedule cosine / linear / wsd, decay_steps 0) with a budget times
   # budget_timing_steps steps after the first and one validation pass, then
   # fixes num_train_steps to what the budget holds (train/trainer.py,
   # plans_steps_from_time); the timed steps must end inside the warm-up.
