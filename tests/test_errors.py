@@ -180,6 +180,16 @@ def test_train_usage_errors(tmp_path):
         "--config.model.d_model=abc"], ["d_model", "abc"]),
       (["--config=experiments/configs/tiny.py", f"--workdir={tmp_path}",
         "--config.no_such_field=1"], ["no_such_field"]),
+      # A nested field, misspelt: the flag as given, and ml_collections' hint.
+      (["--config=experiments/configs/tiny.py", f"--workdir={tmp_path}",
+        "--config.optimizer.wsd_fraction=0.3"],
+       ["--config.optimizer.wsd_fraction:", "'wsd_fraction'",
+        '"wsd_decay_fraction"']),
+      # A schedule that cannot run: refused before the workdir changes.
+      (["--config=experiments/configs/tiny.py", f"--workdir={tmp_path}",
+        "--config.optimizer.schedule=wsd",
+        "--config.optimizer.wsd_decay_fraction=0.9"],
+       ["wsd_decay_fraction=0.9", "inside the warm-up of 100 steps"]),
       (["--config=experiments/configs/tiny.py"], ["--workdir is required"]),
       (["--config=experiments/configs/tiny.py", f"--workdir={tmp_path}",
         "--checkpoint=soon"], ["--checkpoint=soon"])):

@@ -37,12 +37,13 @@ def _usage_error(message: str):
   sys.exit(USAGE_EXIT)
 
 
-def _missing_field(error: BaseException) -> str | None:
-  """The field name when config_flags failed on an unknown field (it wraps a
-  KeyError in an AttributeError)."""
+def _missing_field(error: BaseException) -> tuple[str, str] | None:
+  """(field name, ml_collections' "Did you mean" hint or "") when config_flags
+  failed on an unknown field (it wraps a KeyError in an AttributeError)."""
   for e in (error, error.__context__, *error.args):
     if isinstance(e, KeyError) and e.args:
-      return str(e.args[0]).strip("'\"")
+      name, _, hint = str(e.args[0]).partition("\n")
+      return name.strip("'\""), hint.strip()
   return None
 
 
@@ -62,10 +63,12 @@ def parse_flags(argv):
   except Exception as e:  # pylint: disable=broad-except
     missing = _missing_field(e)
     if missing:
+      name, hint = missing
       given = [a.split("=")[0] for a in argv if a.startswith("--config.")
-               and f".{missing}" in a.split("=")[0]] or [f"--config.{missing}"]
-      _usage_error(f"{given[0]}: the config has no field {missing!r}; see "
-                   "the config file (and experiments/configs/__init__.py)")
+               and a.split("=")[0].endswith(f".{name}")] or [f"--config.{name}"]
+      _usage_error(f"{given[0]}: the config has no field {name!r}"
+                   + (f" ({hint})" if hint else "") + "; see the config file "
+                   "(and experiments/configs/__init__.py)")
     # config_flags raises flags.Error, IOError, KeyError or TypeError,
     # depending on what is wrong; its message names the flag and the value.
     text = (str(e).strip() or repr(e)).splitlines()

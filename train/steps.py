@@ -121,6 +121,16 @@ def learning_rate_schedule(d_model: int, warmup_steps: int = 4000,
   return lambda count: decay(jnp.asarray(count) + 1)
 
 
+def schedule_of(opt_config, d_model: int) -> optax.Schedule:
+  """``learning_rate_schedule`` of config.optimizer's fields; ValueError
+  naming the field when they describe no schedule (d_model only scales it,
+  so any value checks them)."""
+  return learning_rate_schedule(
+      d_model, opt_config.warmup_steps, opt_config.learning_rate_scale,
+      opt_config.schedule, opt_config.decay_steps,
+      opt_config.final_lr_fraction, opt_config.wsd_decay_fraction)
+
+
 def make_optimizer(opt_config, d_model: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Adam + the paper's schedule, optional clipping and accumulation.
@@ -131,10 +141,7 @@ def make_optimizer(opt_config, d_model: int
   adam_b2, adam_eps, grad_clip_norm (0 = off), grad_accum_steps (1 = off),
   weight_decay (0 = off, AdamW; a departure from the paper).
   """
-  schedule = learning_rate_schedule(
-      d_model, opt_config.warmup_steps, opt_config.learning_rate_scale,
-      opt_config.schedule, opt_config.decay_steps,
-      opt_config.final_lr_fraction, opt_config.get("wsd_decay_fraction", 0.2))
+  schedule = schedule_of(opt_config, d_model)
   parts = []
   if opt_config.grad_clip_norm and opt_config.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(opt_config.grad_clip_norm))

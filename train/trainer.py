@@ -118,13 +118,11 @@ def make_runner(config, model_config: TransformerConfig, devices=None):
   """The steps of config.optimizer / label_smoothing, placed by
   config.parallelism, config.mesh and config.logical_axis_rules.
 
-  A decaying schedule without decay_steps decays over num_train_steps.
+  A decaying schedule needs its decay_steps (``train_and_evaluate`` fills
+  them in from num_train_steps or from the time budget).
   """
-  optimizer = config.optimizer
-  if optimizer.schedule != "rsqrt" and optimizer.decay_steps == 0:
-    optimizer = ml_collections.ConfigDict(optimizer.to_dict())
-    optimizer.decay_steps = config.num_train_steps  # decay over the whole run
-  parts = steps_lib.build(model_config, optimizer, config.label_smoothing)
+  parts = steps_lib.build(model_config, config.optimizer,
+                          config.label_smoothing)
   return sharding.make_runner(
       parts, config.batch_size, parallelism=config.parallelism,
       mesh_config=config.mesh, rules=config.logical_axis_rules,
@@ -319,6 +317,19 @@ def steps_in_budget(seconds: float, step_seconds: float, eval_seconds: float,
   return max(0, int(usable // per_step))
 
 
+def fix_length(config, model_config: TransformerConfig, workdir, total: int):
+  """Sets num_train_steps = decay_steps = total and records it in
+  config.json; returns (the checkpoints' config record, the runner of the
+  schedule that ends there)."""
+  config.num_train_steps = config.optimizer.decay_steps = total
+  record = checkpointing.config_record(config, model_config)
+  save_config(record, workdir)
+  try:
+    return record, make_runner(config, model_config)
+  except ValueError as e:  # the schedule does not fit the length
+    raise ConfigError(f"a run of {total} steps: {e}") from e
+
+
 class StepTimer:
   """Times the steps of this launch after the first (which compiles)."""
 
@@ -387,6 +398,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   elif config.optimizer.schedule != "rsqrt" and config.optimizer.decay_steps == 0:
     # Written out, so that the record says where the schedule ends.
     config.optimizer.decay_steps = config.num_train_steps
+  try:  # refused before the workdir changes
+    steps_lib.schedule_of(
+        with_provisional_length(config).optimizer if planned
+        else config.optimizer, config.model.d_model or 1)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   sharding.maybe_initialize_distributed(config.distributed)
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -413,10 +430,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     fixed = saved.get("optimizer", {}).get("decay_steps", 0)
     if fixed > 0:  # fixed by the launch that started the run: kept
       planned = False
-      config.num_train_steps = config.optimizer.decay_steps = fixed
-      record = checkpointing.config_record(config, model_config)
-      save_config(record, workdir)
-      runner = make_runner(config, model_config)
+      record, runner = fix_length(config, model_config, workdir, fixed)
       say(f"This run's length was fixed at {fixed} steps by the budget of its "
           f"first launch (its {config.optimizer.schedule} schedule ends "
           "there)" + (": it has trained them all. To train longer, start "
@@ -476,13 +490,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 f"steps at {step_seconds:.2f} s a step, no more than "
                 f"optimizer.warmup_steps={config.optimizer.warmup_steps}: "
                 "raise max_minutes or lower warmup_steps")
-          config.num_train_steps = config.optimizer.decay_steps = total
-          record = checkpointing.config_record(config, model_config)
-          save_config(record, workdir)
-          try:
-            runner = make_runner(config, model_config)  # compiles once more
-          except ValueError as e:  # the schedule does not fit the length
-            raise ConfigError(f"the budget holds {total} steps: {e}") from e
+          # The new runner's train step compiles once more.
+          record, runner = fix_length(config, model_config, workdir, total)
           timer = None
           say(f"Timed: {step_seconds:.2f} s a step, {eval_seconds:.1f} s a "
               f"validation pass (eval_loss {last_eval.get('eval_loss', 0):.4f}"
