@@ -1,7 +1,8 @@
 """Decoding speed: verses/s of greedy and beam-4 search, and the KV cache's gain.
 
     python -m benchmarks.decode [--workdir=<trained run>] [--num_verses=1063]
-        [--batch_size=64] [--recompute_verses=64] [--methods=greedy,beam]
+        [--batch_size=64] [--recompute_verses=64] [--repeats=3]
+        [--methods=greedy,greedy_one_loop,beam4,beam4_one_loop]
     python -m benchmarks.decode --workdir=<trained run> --ctranslate2 [--repeats=3]
 
 With --ctranslate2: the same weights exported to CTranslate2
@@ -17,7 +18,10 @@ the workdir's params and tokenizer if --workdir is given, else random params
 its length limit of source + 50 tokens: a worst case). Without a workdir the
 verses are tokenised with --tokenizer (a SentencePiece model) if given, else
 replaced by synthetic sources of the same length distribution (noted).
-Compilation is excluded: every batch shape is decoded once before timing.
+Each method decodes every batch once untimed (compiling each cache length
+it reaches), then --repeats times; the table gives medians. ``*_one_loop`` is
+the same search in one loop over a cache of the batch's whole limit (the
+form before caches grew to the filled length): same tokens, side by side.
 The cache ratio compares greedy search with the KV cache against greedy
 search recomputing the decoder over the whole prefix at every step, on the
 first --recompute_verses verses (same batches, same tokens).
@@ -29,6 +33,7 @@ CPU machine (beam 4 >= 150 verses/s, greedy >= 500 verses/s, cache >= 5x).
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import jax
@@ -177,15 +182,35 @@ def compare_ctranslate2(loaded, ids, references, args) -> None:
                      "output_tokens_per_s", "speed_vs_ct2_float32", "bleu"]))
 
 
-def _time_batches(fn, batches):
-  """(seconds, output tokens) of fn(src) over batches; compiled beforehand."""
-  for shape in sorted({src.shape for _, src in batches}):
-    jax.block_until_ready(fn(np.full(shape, 1, np.int32)))  # compile
-  start, tokens = time.perf_counter(), 0
-  for _, src in batches:
-    out = np.asarray(fn(src))
-    tokens += int(sum(len(x) + 1 for x in decoding.strip_special(out)))
-  return time.perf_counter() - start, tokens
+def _time_batches(fn, batches, repeats: int = 1):
+  """(median seconds, output tokens) of fn(src) over batches.
+
+  Compilation is excluded: every batch is decoded once before timing (a
+  search over growing caches compiles each cache length it reaches).
+  """
+  times = []
+  for repeat in range(repeats + 1):
+    start, tokens = time.perf_counter(), 0
+    for _, src in batches:
+      out = np.asarray(fn(src))
+      tokens += int(sum(len(x) + 1 for x in decoding.strip_special(out)))
+    if repeat:  # the first pass compiles
+      times.append(time.perf_counter() - start)
+  return statistics.median(times), tokens
+
+
+# The searches timed, by --methods name: the default, over caches that grow
+# to the filled length, and the one-loop form over a cache of the batch's
+# whole limit (the previous implementation, same tokens), side by side.
+SEARCHES = {
+    "greedy": lambda c, p, src: decoding.greedy_search(c, p, src),
+    "greedy_one_loop": lambda c, p, src: decoding.greedy_search(
+        c, p, src, grow_cache=False),
+    "beam4": lambda c, p, src: decoding.beam_search(
+        c, p, src, beam_size=4, alpha=0.6).sequences[:, 0],
+    "beam4_one_loop": lambda c, p, src: decoding.beam_search(
+        c, p, src, beam_size=4, alpha=0.6, grow_cache=False).sequences[:, 0],
+}
 
 
 def main():
@@ -197,7 +222,8 @@ def main():
   parser.add_argument("--num_verses", type=int, default=1063)
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--recompute_verses", type=int, default=64)
-  parser.add_argument("--methods", default="greedy,beam")
+  parser.add_argument("--methods", default=",".join(SEARCHES),
+                      help="comma-separated: " + ", ".join(SEARCHES))
   parser.add_argument("--ctranslate2", action="store_true",
                       help="compare with CTranslate2 on the same weights")
   parser.add_argument("--repeats", type=int, default=3)
@@ -227,15 +253,16 @@ def main():
     return row
 
   methods = args.methods.split(",")
-  if "greedy" in methods:
-    s, t = _time_batches(
-        lambda src: decoding.greedy_search(config, params, src), batches)
-    record("greedy", len(ids), s, t, goal=GOALS["greedy"])
-  if "beam" in methods:
-    s, t = _time_batches(
-        lambda src: decoding.beam_search(config, params, src, beam_size=4,
-                                         alpha=0.6).sequences[:, 0], batches)
-    record("beam4", len(ids), s, t, goal=GOALS["beam4"])
+  unknown = set(methods) - set(SEARCHES)
+  if unknown:
+    parser.error(f"--methods: unknown {sorted(unknown)}; choose from "
+                 f"{list(SEARCHES)}")
+  for name in methods:
+    search = SEARCHES[name]
+    s, t = _time_batches(lambda src: search(config, params, src), batches,
+                         args.repeats)
+    record(name, len(ids), s, t, goal=GOALS[name.split("_")[0]],
+           repeats=args.repeats)
   if args.recompute_verses > 0:
     subset = make_batches(ids[:args.recompute_verses], args.batch_size,
                           config.max_len)

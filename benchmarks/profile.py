@@ -45,7 +45,7 @@ PARTS = (
     ("layer norm", r"_norm/|final_norm|LayerNorm|layer_norm"),
     ("KV cache write", r"attention/dynamic_update_slice"),
     ("output layer / embedding", r"attend|_embedding|output_projection|Embed"),
-    ("search (top-k, gather, cache reorder)", r"top_k|sort|_gather_beams|_reorder_cache|argmax|beam_search\)?/while/body/gather"),
+    ("search (top-k, gather, cache reorder)", r"top_k|sort|_gather_beams|_reorder_cache|argmax|(beam_search|_beam_segment)\)?/while/body/gather"),
     ("loss (log-softmax, smoothing)", r"logsumexp|loss|label_smooth|log_softmax|cross_entropy"),
     ("attention projections (q, k, v, out)", r"attention/(query|key|value|out)/"),
     ("attention scores, softmax, mask", r"attention/|dot_product|softmax"),
@@ -187,12 +187,16 @@ def main():
     from model import decoding  # pylint: disable=import-outside-toplevel
     config, params, src = decode_inputs(args)
     if "greedy" not in skip:
-      greedy = jax.jit(lambda p, s: decoding.greedy_search(config, p, s))
+      # One loop over the whole limit (grow_cache=False): a single compiled
+      # program whose HLO names every op; the default grows the cache over
+      # several such programs, each a shorter copy of this loop.
+      greedy = jax.jit(lambda p, s: decoding.greedy_search(config, p, s,
+                                                           grow_cache=False))
       report(profile(f"greedy_{src.shape[0]}x{src.shape[1]}", greedy,
                      (params, src), trace_dir, 2), args.top)
     if "beam" not in skip:
       beam = jax.jit(lambda p, s: decoding.beam_search(
-          config, p, s, beam_size=4, alpha=0.6).sequences)
+          config, p, s, beam_size=4, alpha=0.6, grow_cache=False).sequences)
       report(profile(f"beam4_{src.shape[0]}x{src.shape[1]}", beam,
                      (params, src), trace_dir, 1), args.top)
 

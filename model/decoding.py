@@ -1,8 +1,14 @@
 """Inference: KV-cached greedy search, beam search and sampling.
 
-Every search is one ``lax.while_loop`` under ``jax.jit``, batched, feeding one
-token per step through the decoder's key/value cache
-(``Transformer(config, use_cache=True)``); the encoder runs once per batch.
+Every search is batched and feeds one token per step through the decoder's
+key/value cache (``Transformer(config, use_cache=True)``); the encoder runs
+once per batch. The steps run in jitted ``lax.while_loop`` segments over a
+self-attention cache that grows to the filled length (``cache_lengths``: 16,
+32, 64, ... tokens, then the batch's limit), as CTranslate2's does: a step
+attends over (and beam search reorders) the positions that exist, not the
+batch's whole limit, and a batch whose rows have all ended stops at the end
+of the segment it is in. ``grow_cache=False`` runs one segment over the whole
+limit: the same tokens, in one jittable loop.
 
 Conventions shared by all searches:
   * ``src``: int32 [batch, src_len], padded with PAD_ID. A row's source length
@@ -21,7 +27,8 @@ Conventions shared by all searches:
     (beam search: [batch, beam, max_decode_len], best first).
 
 Public functions: ``greedy_search``, ``beam_search``, ``sample``,
-``filter_logits``, ``sample_token``, ``length_penalty``, ``decode_limits``.
+``filter_logits``, ``sample_token``, ``length_penalty``, ``decode_limits``,
+``cache_lengths``.
 """
 
 from __future__ import annotations
@@ -59,6 +66,61 @@ def decode_limits(config: TransformerConfig, src, max_extra_len: int
   src_lengths = jnp.sum(src != PAD_ID, axis=1).astype(jnp.int32)
   limits = jnp.minimum(src_lengths + max_extra_len, max_decode_len)
   return max_decode_len, limits
+
+
+# The first segment's cache length; each next one doubles it (section
+# "Cache lengths" of the module docstring).
+FIRST_CACHE_LEN = 16
+_SELF_ATTENTION_CACHE = ("cached_key", "cached_value")
+
+
+def cache_lengths(max_decode_len: int, grow: bool = True) -> list[int]:
+  """Self-attention cache lengths of a search's segments, in order.
+
+  16, 32, 64, ... (each below max_decode_len), then max_decode_len; or
+  [max_decode_len] alone without ``grow``. A segment decodes the steps its
+  cache has room for beyond the previous one's; attention and beam reorders
+  then cost the positions that exist, at most twice the filled ones.
+  """
+  lengths = []
+  length = FIRST_CACHE_LEN
+  while grow and length < max_decode_len:
+    lengths.append(length)
+    length *= 2
+  return lengths + [max_decode_len]
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _grow_cache(cache, length: int):
+  """The self-attention caches [rows, heads, old, head_dim] padded to length."""
+  def grow(path, x):
+    if path[-1].key not in _SELF_ATTENTION_CACHE:
+      return x
+    return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, 0)))
+  return jax.tree_util.tree_map_with_path(grow, cache)
+
+
+def _cache_len(cache) -> int:
+  """The length the self-attention caches have room for."""
+  return jax.tree_util.tree_leaves(cache["decoder"]["layers_0"]
+                                   ["self_attention"])[0].shape[2]
+
+
+def _run_segments(start, segment, done, max_decode_len: int, grow: bool):
+  """Runs a search segment by segment over growing caches.
+
+  start(cache_len) -> state (with a ``cache``); segment(state) -> state, the
+  steps its cache has room for, or fewer if every row ends; done(state) ->
+  bool array: every row has ended. Between segments the host reads done (one
+  sync a segment) and grows the caches.
+  """
+  lengths = cache_lengths(max_decode_len, grow)
+  state = segment(start(lengths[0]))
+  for length in lengths[1:]:
+    if bool(done(state)):
+      break
+    state = segment(dict(state, cache=_grow_cache(state["cache"], length)))
+  return state
 
 
 def length_penalty(length, alpha: float):
@@ -183,58 +245,102 @@ def _sample_token(rng, logits, temperature, top_k, top_p):
 # Greedy search and sampling: one hypothesis per row
 # --------------------------------------------------------------------------
 
-def _one_hypothesis_loop(config, params, src, choose: Callable,
-                         max_extra_len: int, use_cache: bool):
-  """Token-by-token decoding where ``choose(logits [b, V], step) -> [b]``."""
+@functools.partial(jax.jit, static_argnames=("config", "cache_len",
+                                             "max_extra_len", "use_cache"))
+def _one_hypothesis_start(config, params, src, *, cache_len: int,
+                          max_extra_len: int, use_cache: bool):
+  """The encoder's output, the limits and an empty output: the first state."""
   batch = src.shape[0]
   max_decode_len, limits = decode_limits(config, src, max_extra_len)
   encoded = _encode(config, params, src)
-  cache = (init_cache(config, params, encoded, max_decode_len)
-           if use_cache else None)
   # seqs[:, 0] is the start token; step i writes the i-th output at i + 1.
-  seqs = jnp.full((batch, max_decode_len + 1), PAD_ID, jnp.int32)
-  finished = jnp.zeros((batch,), bool)
+  return dict(
+      step=jnp.int32(0),
+      seqs=jnp.full((batch, max_decode_len + 1), PAD_ID, jnp.int32),
+      finished=jnp.zeros((batch,), bool), encoded=encoded, limits=limits,
+      cache=(init_cache(config, params, encoded, cache_len)
+             if use_cache else None))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "choose", "use_cache"),
+                   donate_argnames=("state",))
+def _one_hypothesis_segment(config, params, src, state, knobs, *,
+                            choose: Callable, use_cache: bool):
+  """The steps the cache has room for, token by token, until every row ends.
+
+  ``choose(logits [b, V], step, knobs) -> [b]`` picks each row's token.
+  """
+  max_decode_len = state["seqs"].shape[1] - 1
+  end = _cache_len(state["cache"]) if use_cache else max_decode_len
+  encoded, limits = state["encoded"], state["limits"]
 
   def cond(state):
-    step, _, _, finished = state
-    return (step < max_decode_len) & ~jnp.all(finished)
+    return (state["step"] < end) & ~jnp.all(state["finished"])
 
   def body(state):
-    step, seqs, cache, finished = state
+    step, seqs, cache = state["step"], state["seqs"], state["cache"]
     if use_cache:
       fed = lax.dynamic_index_in_dim(seqs, step, axis=1, keepdims=False)
       logits, cache = _cached_step(config, params, encoded, src, fed, cache)
     else:
       logits = _recomputed_step(config, params, encoded, src, seqs, step)
-    token = choose(_forbid_empty_output(_mask_pad(logits), step, src), step)
+    token = choose(_forbid_empty_output(_mask_pad(logits), step, src), step,
+                   knobs)
     token = jnp.where(step + 1 >= limits, EOS_ID, token)  # length limit
-    token = jnp.where(finished, PAD_ID, token)            # pad after eos
+    token = jnp.where(state["finished"], PAD_ID, token)   # pad after eos
     seqs = lax.dynamic_update_slice_in_dim(seqs, token[:, None], step + 1,
                                            axis=1)
-    return step + 1, seqs, cache, finished | (token == EOS_ID)
+    return dict(state, step=step + 1, seqs=seqs, cache=cache,
+                finished=state["finished"] | (token == EOS_ID))
 
-  _, seqs, _, _ = lax.while_loop(cond, body,
-                                 (jnp.int32(0), seqs, cache, finished))
-  return seqs[:, 1:]
+  return lax.while_loop(cond, body, state)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_extra_len",
-                                             "use_cache"))
+def _one_hypothesis_loop(config, params, src, choose: Callable, knobs,
+                         max_extra_len: int, use_cache: bool,
+                         grow_cache: bool):
+  """Token-by-token decoding: int32 [batch, max_decode_len]."""
+  max_decode_len, _ = decode_limits(config, src, max_extra_len)
+  state = _run_segments(
+      lambda cache_len: _one_hypothesis_start(
+          config, params, src, cache_len=cache_len,
+          max_extra_len=max_extra_len, use_cache=use_cache),
+      lambda state: _one_hypothesis_segment(
+          config, params, src, state, knobs, choose=choose,
+          use_cache=use_cache),
+      lambda state: jnp.all(state["finished"]),
+      max_decode_len, grow_cache and use_cache)
+  return state["seqs"][:, 1:]
+
+
+def _argmax(logits, step, knobs):
+  del step, knobs
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def _draw(logits, step, knobs):
+  rng, temperature, top_k, top_p = knobs
+  return _sample_token(jax.random.fold_in(rng, step), logits, temperature,
+                       top_k, top_p)
+
+
 def greedy_search(config: TransformerConfig, params, src, *,
-                  max_extra_len: int = 50, use_cache: bool = True):
+                  max_extra_len: int = 50, use_cache: bool = True,
+                  grow_cache: bool = True):
   """Argmax decoding: int32 [batch, max_decode_len] (see module docstring).
 
   use_cache=False recomputes the decoder over the whole prefix at each step
   (same tokens, much slower): the reference the cache is measured against.
+  grow_cache=False: one loop over a cache of the whole limit (jittable).
   """
-  choose = lambda logits, step: jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return _one_hypothesis_loop(config, params, src, choose, max_extra_len,
-                              use_cache)
+  src = jnp.asarray(src, jnp.int32)
+  return _one_hypothesis_loop(config, params, src, _argmax, None,
+                              max_extra_len, use_cache, grow_cache)
 
 
 def sample(config: TransformerConfig, params, src, rng, *,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           max_extra_len: int = 50):
+           max_extra_len: int = 50, grow_cache: bool = True):
   """Ancestral sampling with temperature, top-k, top-p (that order), seeded.
 
   rng: a jax.random key; the same key gives the same output. Step i draws
@@ -242,19 +348,10 @@ def sample(config: TransformerConfig, params, src, rng, *,
   module docstring).
   """
   _check_knobs(temperature, top_k, top_p)
-  return _sample(config, params, src, rng, jnp.float32(temperature),
-                 jnp.int32(top_k), jnp.float32(top_p),
-                 max_extra_len=max_extra_len)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "max_extra_len"))
-def _sample(config, params, src, rng, temperature, top_k, top_p, *,
-            max_extra_len):
-  def choose(logits, step):
-    return _sample_token(jax.random.fold_in(rng, step), logits, temperature,
-                         top_k, top_p)
-  return _one_hypothesis_loop(config, params, src, choose, max_extra_len,
-                              use_cache=True)
+  knobs = (rng, jnp.float32(temperature), jnp.int32(top_k),
+           jnp.float32(top_p))
+  return _one_hypothesis_loop(config, params, jnp.asarray(src, jnp.int32),
+                              _draw, knobs, max_extra_len, True, grow_cache)
 
 
 # --------------------------------------------------------------------------
@@ -291,60 +388,50 @@ def _reorder_cache(cache, beam_indices, beam_size: int):
   return jax.tree_util.tree_map_with_path(reorder, cache)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "beam_size", "alpha",
-                                             "max_extra_len"))
-def beam_search(config: TransformerConfig, params, src, *, beam_size: int = 4,
-                alpha: float = 0.6, max_extra_len: int = 50
-                ) -> BeamSearchResult:
-  """Beam search with the GNMT length penalty (the paper: beam 4, alpha 0.6).
-
-  Each row keeps a beam of ``beam_size`` hypotheses. At each step every
-  hypothesis is extended by every token and the ``beam_size`` most probable
-  extensions (by log P) are the new beam; an extension ending in eos leaves
-  the beam as *finished* (scored log P / lp) and the next most probable
-  non-eos extension takes its place, so ``beam_size`` hypotheses stay alive.
-  A row stops when ``beam_size`` hypotheses have finished (or its length
-  limit forces eos on the rest); the loop stops when every row has stopped.
-  The answer is the finished hypothesis of highest score. With beam 1 this is
-  exactly greedy search; with a beam wider than the set of all sequences it
-  is an exhaustive search.
-
-  Returns sequences [batch, beam, max_decode_len] and their scores
-  [batch, beam], best first (the first is the translation). Slots of rows
-  with fewer than ``beam_size`` finished hypotheses score -inf.
-  """
-  if beam_size < 1:
-    raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-  batch, src_len = src.shape
-  vocab = config.output_vocab_size
+@functools.partial(jax.jit, static_argnames=("config", "beam_size",
+                                             "cache_len", "max_extra_len"))
+def _beam_start(config, params, src, *, beam_size: int, cache_len: int,
+                max_extra_len: int):
+  """The first state of beam search: only beam 0 of each row alive."""
+  batch = src.shape[0]
   max_decode_len, limits = decode_limits(config, src, max_extra_len)
-
   # The encoder runs once; its output is repeated for the beams of each row
   # (row-major: flat row b * beam_size + k is beam k of sentence b).
   encoded = jnp.repeat(_encode(config, params, src), beam_size, axis=0)
-  flat_src = jnp.repeat(src, beam_size, axis=0)
-  cache = init_cache(config, params, encoded, max_decode_len)
-
   seq_shape = (batch, beam_size, max_decode_len + 1)  # column 0: start token
   # Only beam 0 starts alive; the others at -inf never become duplicates.
   alive_log_probs = jnp.where(jnp.arange(beam_size) == 0, 0.0, NEG_INF)
-  state = dict(
+  return dict(
       step=jnp.int32(0),
       alive_seqs=jnp.full(seq_shape, PAD_ID, jnp.int32),
       alive_log_probs=jnp.broadcast_to(alive_log_probs, (batch, beam_size)),
       finished_seqs=jnp.full(seq_shape, PAD_ID, jnp.int32),
       finished_scores=jnp.full((batch, beam_size), NEG_INF),
       num_finished=jnp.zeros((batch,), jnp.int32),
-      cache=cache)
+      encoded=encoded, limits=limits,
+      cache=init_cache(config, params, encoded, cache_len))
 
-  def row_done(state):
-    """[batch] bool: beam_size finished, limit reached, or nothing alive."""
-    return ((state["num_finished"] >= beam_size) |
-            (state["step"] >= limits) |
-            (state["alive_log_probs"][:, 0] == NEG_INF))
+
+def _rows_done(state, beam_size: int):
+  """[batch] bool: beam_size finished, limit reached, or nothing alive."""
+  return ((state["num_finished"] >= beam_size) |
+          (state["step"] >= state["limits"]) |
+          (state["alive_log_probs"][:, 0] == NEG_INF))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "beam_size", "alpha"),
+                   donate_argnames=("state",))
+def _beam_segment(config, params, src, state, *, beam_size: int,
+                  alpha: float):
+  """The steps the cache has room for, until every row is done."""
+  batch = src.shape[0]
+  vocab = config.output_vocab_size
+  end = _cache_len(state["cache"])
+  encoded, limits = state["encoded"], state["limits"]
+  flat_src = jnp.repeat(src, beam_size, axis=0)
 
   def cond(state):
-    return (state["step"] < max_decode_len) & ~jnp.all(row_done(state))
+    return (state["step"] < end) & ~jnp.all(_rows_done(state, beam_size))
 
   def body(state):
     step, alive_seqs = state["step"], state["alive_seqs"]
@@ -370,7 +457,7 @@ def beam_search(config: TransformerConfig, params, src, *, beam_size: int = 4,
     is_eos = token == EOS_ID
 
     # Finished: eos extensions among the k best, unless the row had stopped.
-    stopped = row_done(state)[:, None]
+    stopped = _rows_done(state, beam_size)[:, None]
     newly_finished = (is_eos & (jnp.arange(2 * beam_size) < beam_size) &
                       (top_log_probs > NEG_INF) & ~stopped)
     new_scores = jnp.where(
@@ -388,12 +475,47 @@ def beam_search(config: TransformerConfig, params, src, *, beam_size: int = 4,
     alive_log_probs, pick = lax.top_k(
         jnp.where(is_eos, NEG_INF, top_log_probs), beam_size)
     parent = jnp.take_along_axis(parent, pick, axis=1)
-    return dict(step=step + 1, alive_seqs=_gather_beams(top_seqs, pick),
+    return dict(state, step=step + 1, alive_seqs=_gather_beams(top_seqs, pick),
                 alive_log_probs=alive_log_probs, finished_seqs=finished_seqs,
                 finished_scores=finished_scores, num_finished=num_finished,
                 cache=_reorder_cache(cache, parent, beam_size))
 
-  state = lax.while_loop(cond, body, state)
+  return lax.while_loop(cond, body, state)
+
+
+def beam_search(config: TransformerConfig, params, src, *, beam_size: int = 4,
+                alpha: float = 0.6, max_extra_len: int = 50,
+                grow_cache: bool = True) -> BeamSearchResult:
+  """Beam search with the GNMT length penalty (the paper: beam 4, alpha 0.6).
+
+  Each row keeps a beam of ``beam_size`` hypotheses. At each step every
+  hypothesis is extended by every token and the ``beam_size`` most probable
+  extensions (by log P) are the new beam; an extension ending in eos leaves
+  the beam as *finished* (scored log P / lp) and the next most probable
+  non-eos extension takes its place, so ``beam_size`` hypotheses stay alive.
+  A row stops when ``beam_size`` hypotheses have finished (or its length
+  limit forces eos on the rest); the search stops when every row has stopped.
+  The answer is the finished hypothesis of highest score. With beam 1 this is
+  exactly greedy search; with a beam wider than the set of all sequences it
+  is an exhaustive search. grow_cache=False: one loop over a cache of the
+  whole limit (jittable).
+
+  Returns sequences [batch, beam, max_decode_len] and their scores
+  [batch, beam], best first (the first is the translation). Slots of rows
+  with fewer than ``beam_size`` finished hypotheses score -inf.
+  """
+  if beam_size < 1:
+    raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+  src = jnp.asarray(src, jnp.int32)
+  max_decode_len, _ = decode_limits(config, src, max_extra_len)
+  state = _run_segments(
+      lambda cache_len: _beam_start(config, params, src, beam_size=beam_size,
+                                    cache_len=cache_len,
+                                    max_extra_len=max_extra_len),
+      lambda state: _beam_segment(config, params, src, state,
+                                  beam_size=beam_size, alpha=alpha),
+      lambda state: jnp.all(_rows_done(state, beam_size)),
+      max_decode_len, grow_cache)
   # Every row has at least one finished hypothesis: the limit forces eos.
   return BeamSearchResult(state["finished_seqs"][:, :, 1:],
                           state["finished_scores"])

@@ -214,3 +214,46 @@ def test_no_empty_translation_of_a_non_empty_source():
     ids = decoding.strip_special(tokens)
     assert len(ids[0]) >= 1, name          # the non-empty source: words
     assert ids[1] == [], name              # the empty source: nothing
+
+
+# --- caches that grow segment by segment -------------------------------------
+
+def test_cache_lengths_double_up_to_the_limit():
+  assert decoding.cache_lengths(10) == [10]
+  assert decoding.cache_lengths(16) == [16]
+  assert decoding.cache_lengths(17) == [16, 17]
+  assert decoding.cache_lengths(114) == [16, 32, 64, 114]
+  assert decoding.cache_lengths(128) == [16, 32, 64, 128]
+  assert decoding.cache_lengths(114, grow=False) == [114]
+
+
+def test_growing_caches_give_the_tokens_of_one_full_length_loop(params, src):
+  # Limits of 9 + 30 tokens: segments of 16, 32 and 39 positions. The tiny
+  # random model seldom ends early, so every segment runs.
+  extra = 30
+  grown = decoding.greedy_search(CONFIG, params, src, max_extra_len=extra)
+  _check_well_formed(grown, src, extra)
+  assert np.asarray(grown).shape[1] == 39
+  assert np.sum(np.asarray(grown) > EOS_ID) > 3 * 16  # rows ran past 16
+  one_loop = decoding.greedy_search(CONFIG, params, src, max_extra_len=extra,
+                                    grow_cache=False)
+  recomputed = decoding.greedy_search(CONFIG, params, src, max_extra_len=extra,
+                                      use_cache=False)
+  np.testing.assert_array_equal(np.asarray(grown), np.asarray(one_loop))
+  np.testing.assert_array_equal(np.asarray(grown), np.asarray(recomputed))
+  for grow in (True, False):
+    beam = decoding.beam_search(CONFIG, params, src, beam_size=3,
+                                max_extra_len=extra, grow_cache=grow)
+    if grow:
+      grown_beam = beam
+      _check_well_formed(beam.sequences[:, 0], src, extra)
+    else:
+      np.testing.assert_array_equal(np.asarray(beam.sequences),
+                                    np.asarray(grown_beam.sequences))
+      np.testing.assert_allclose(np.asarray(beam.scores),
+                                 np.asarray(grown_beam.scores), rtol=1e-6)
+  sampled = [decoding.sample(CONFIG, params, src, jax.random.key(1),
+                             temperature=0.7, max_extra_len=extra,
+                             grow_cache=grow) for grow in (True, False)]
+  np.testing.assert_array_equal(np.asarray(sampled[0]),
+                                np.asarray(sampled[1]))
