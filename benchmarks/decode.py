@@ -107,7 +107,6 @@ def test_sources(args, notes, trained=None):
 def compare_ctranslate2(loaded, ids, references, args) -> None:
   """Times and scores this project's searches against CTranslate2's."""
   import os  # pylint: disable=import-outside-toplevel
-  import statistics  # pylint: disable=import-outside-toplevel
   import tempfile  # pylint: disable=import-outside-toplevel
   import ctranslate2  # pylint: disable=import-outside-toplevel
   from train import evaluate, export  # pylint: disable=import-outside-toplevel
@@ -229,6 +228,8 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
 
+  if args.repeats < 1:
+    parser.error("--repeats: at least 1 timed pass")
   if args.ctranslate2 and not args.workdir:
     parser.error("--ctranslate2 needs --workdir (a trained run)")
   notes: list[str] = []

@@ -6,9 +6,10 @@ once per batch. The steps run in jitted ``lax.while_loop`` segments over a
 self-attention cache that grows to the filled length (``cache_lengths``: 16,
 32, 64, ... tokens, then the batch's limit), as CTranslate2's does: a step
 attends over (and beam search reorders) the positions that exist, not the
-batch's whole limit, and a batch whose rows have all ended stops at the end
-of the segment it is in. ``grow_cache=False`` runs one segment over the whole
-limit: the same tokens, in one jittable loop.
+batch's whole limit; a batch stops at the step its last row ends, and no
+later segment is launched. ``grow_cache=False`` runs one segment over the
+whole limit: the same tokens, in one loop that an outer ``jax.jit`` can
+trace (the default reads "all rows ended?" on the host between segments).
 
 Conventions shared by all searches:
   * ``src``: int32 [batch, src_len], padded with PAD_ID. A row's source length
@@ -68,8 +69,8 @@ def decode_limits(config: TransformerConfig, src, max_extra_len: int
   return max_decode_len, limits
 
 
-# The first segment's cache length; each next one doubles it (section
-# "Cache lengths" of the module docstring).
+# The first segment's cache length; each next one doubles it
+# (``cache_lengths``).
 FIRST_CACHE_LEN = 16
 _SELF_ATTENTION_CACHE = ("cached_key", "cached_value")
 
@@ -117,7 +118,12 @@ def _run_segments(start, segment, done, max_decode_len: int, grow: bool):
   lengths = cache_lengths(max_decode_len, grow)
   state = segment(start(lengths[0]))
   for length in lengths[1:]:
-    if bool(done(state)):
+    finished = done(state)
+    if isinstance(finished, jax.core.Tracer):
+      raise ValueError("a search over growing caches decides between its "
+                       "segments on the host; under jax.jit pass "
+                       "grow_cache=False")
+    if bool(finished):
       break
     state = segment(dict(state, cache=_grow_cache(state["cache"], length)))
   return state
@@ -345,7 +351,8 @@ def sample(config: TransformerConfig, params, src, rng, *,
 
   rng: a jax.random key; the same key gives the same output. Step i draws
   with ``fold_in(rng, i)``. Returns int32 [batch, max_decode_len] (see the
-  module docstring).
+  module docstring). grow_cache=False: one loop over a cache of the whole
+  limit (jittable).
   """
   _check_knobs(temperature, top_k, top_p)
   knobs = (rng, jnp.float32(temperature), jnp.int32(top_k),

@@ -260,7 +260,9 @@ def init_cache(config: TransformerConfig, params, encoded,
   """The cache of ``Transformer(config, use_cache=True)`` for one batch.
 
   encoded: the encoder output [batch, src_len, d_model]. Self-attention
-  keys/values start empty (room for ``max_decode_len`` tokens); the
+  keys/values start empty, with room for ``max_decode_len`` tokens (the
+  searches pass their first cache length and pad the cache as it fills:
+  ``decoding.cache_lengths``); the
   cross-attention keys/values are projected from ``encoded`` here, once.
   """
   model = Transformer(config, use_cache=True)

@@ -32,7 +32,7 @@ def test_hlo_index_names_flax_module_paths():
       "fusion", "jit(x)/decoder/layers_1/self_attention_norm/reduce_sum"
   ) == "layer norm"
   assert profile.part_of(
-      "fusion", "jit(x)/jit(beam_search)/while/body/gather"
+      "fusion", "jit(x)/jit(_beam_segment)/while/body/gather"
   ) == "search (top-k, gather, cache reorder)"
   assert profile.part_of("copy", "") == profile.OTHER
 

@@ -227,14 +227,29 @@ def test_cache_lengths_double_up_to_the_limit():
   assert decoding.cache_lengths(114, grow=False) == [114]
 
 
-def test_growing_caches_give_the_tokens_of_one_full_length_loop(params, src):
+def _counting_grows(monkeypatch):
+  """Counts the calls of decoding._grow_cache (one per segment after the
+  first)."""
+  calls = []
+  grow = decoding._grow_cache
+  def counted(cache, length):
+    calls.append(length)
+    return grow(cache, length)
+  monkeypatch.setattr(decoding, "_grow_cache", counted)
+  return calls
+
+
+def test_growing_caches_give_the_tokens_of_one_full_length_loop(
+    params, src, monkeypatch):
   # Limits of 9 + 30 tokens: segments of 16, 32 and 39 positions. The tiny
   # random model seldom ends early, so every segment runs.
   extra = 30
+  grows = _counting_grows(monkeypatch)
   grown = decoding.greedy_search(CONFIG, params, src, max_extra_len=extra)
+  assert grows == [32, 39]
   _check_well_formed(grown, src, extra)
   assert np.asarray(grown).shape[1] == 39
-  assert np.sum(np.asarray(grown) > EOS_ID) > 3 * 16  # rows ran past 16
+  assert (np.asarray(grown) == EOS_ID).argmax(1).max() >= 32  # 3rd segment
   one_loop = decoding.greedy_search(CONFIG, params, src, max_extra_len=extra,
                                     grow_cache=False)
   recomputed = decoding.greedy_search(CONFIG, params, src, max_extra_len=extra,
@@ -257,3 +272,39 @@ def test_growing_caches_give_the_tokens_of_one_full_length_loop(params, src):
                              grow_cache=grow) for grow in (True, False)]
   np.testing.assert_array_equal(np.asarray(sampled[0]),
                                 np.asarray(sampled[1]))
+
+
+def test_a_batch_whose_rows_all_ended_launches_no_later_segment(monkeypatch):
+  # A model that ends every row after one token (see the test above): with
+  # a limit of 4 + 40 tokens the first segment (16) holds the whole search.
+  params = _peaky_params(CONFIG, 5)
+  emb = params["shared_embedding"]["embedding"]
+  emb = emb.at[EOS_ID].multiply(10.0)
+  params["shared_embedding"]["embedding"] = emb
+  norm = params["decoder"]["layers_0"]["ffn_norm"]
+  norm["scale"] = jnp.zeros_like(norm["scale"])
+  norm["bias"] = emb[EOS_ID]
+  src = jnp.asarray([[7, 9, 11, EOS_ID], [5, EOS_ID, PAD_ID, PAD_ID]],
+                    jnp.int32)
+  grows = _counting_grows(monkeypatch)
+  for search in (
+      lambda grow: decoding.greedy_search(CONFIG, params, src,
+                                          max_extra_len=40, grow_cache=grow),
+      lambda grow: decoding.beam_search(CONFIG, params, src, beam_size=2,
+                                        max_extra_len=40,
+                                        grow_cache=grow).sequences[:, 0]):
+    grown = np.asarray(search(True))
+    assert grows == []
+    np.testing.assert_array_equal(grown, np.asarray(search(False)))
+    assert [len(ids) for ids in decoding.strip_special(grown)] == [1, 1]
+
+
+def test_growing_caches_under_jit_ask_for_one_loop(params, src):
+  with pytest.raises(ValueError, match="grow_cache=False"):
+    jax.jit(lambda p, s: decoding.greedy_search(CONFIG, p, s,
+                                                max_extra_len=30))(params, src)
+  jitted = jax.jit(lambda p, s: decoding.greedy_search(
+      CONFIG, p, s, max_extra_len=30, grow_cache=False))(params, src)
+  np.testing.assert_array_equal(
+      np.asarray(jitted),
+      np.asarray(decoding.greedy_search(CONFIG, params, src, max_extra_len=30)))

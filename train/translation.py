@@ -23,7 +23,8 @@ import tokenizer as tokenizer_lib
 from model import EOS_ID, PAD_ID, TransformerConfig, decoding
 
 # Source lengths are padded up to one of these, so a whole split compiles the
-# decoder a handful of times only (one compilation per bucket).
+# decoder a handful of times only (per bucket, one compilation for each cache
+# length its batches reach: decoding.cache_lengths).
 LENGTH_BUCKETS = (16, 32, 64, 128, 256)
 METHODS = ("beam", "greedy", "sample")
 

@@ -17,10 +17,15 @@ steps of 25k-token batches on 8 GPUs):
     5.39 / 5.00 / 4.56 at steps 200 / 300 / 500; pre-LN with warmup 150
     reaches 4.93 / 4.57 at steps 200 / 300, the loss post-LN needs ~500
     steps for;
-  * learning_rate_scale 0.6: peak lr = 0.6 * 256^-0.5 * 150^-0.5 = 3.1e-3
-    at step 150, decaying as step^-0.5 to ~8e-4 at step 2000. Scale 1.0
-    (peak 5.2e-3) measured worse: validation loss 5.00 / 4.79 at steps
-    200 / 300 against 4.93 / 4.57;
+  * learning_rate_scale 0.4: peak lr = 0.4 * 256^-0.5 * 150^-0.5 = 2.1e-3
+    at step 150, decaying as step^-0.5. Measured against 0.6 (peak 3.1e-3,
+    the previous setting) at the slow-day budget of 1,000 steps, same code,
+    seed and batches, each run once (2026-11-24 and 2026-12-01): greedy BLEU
+    on 300 validation verses 21.84 against 20.26, beam-4 (alpha 1.0) 22.96
+    against 21.30, and test BLEU / chrF 22.30 / 42.85 against 20.62 / 41.39;
+    validation loss at step 1,000: 3.447. Scale 1.0 (peak 5.2e-3) measured
+    worse than 0.6: validation loss 5.00 / 4.79 at steps 200 / 300 against
+    4.93 / 4.57;
   * label smoothing 0.1 and Adam(0.9, 0.98, 1e-9): the paper's;
   * dropout 0 (the paper: 0.1), and the paper's rsqrt schedule kept. At the
     slow-day budget of 910 steps (the 30 minutes of a day when the previous
@@ -34,7 +39,7 @@ steps of 25k-token batches on 8 GPUs):
       rsqrt 3.1e-3 (the previous config)  0.1      3.661     17.50
       linear to 0 at 910, 3.1e-3          0.1      3.698     16.58
       linear to 0 at 910, 3.1e-3          0        3.573     18.62
-      rsqrt 3.1e-3 (this config)          0        3.564     18.48
+      rsqrt 3.1e-3 (then: scale 0.4)      0        3.564     18.48
       wsd: 3.1e-3 held, linear to 0 over
         the last 20%                      0        3.570     17.40
       linear to 0 at 910, 5.2e-3          0        4.586 at step 455 (4.114
@@ -78,7 +83,7 @@ def get_config():
   c.model.pre_ln = True
   c.model.attention_bias = False
   c.optimizer.warmup_steps = 150
-  c.optimizer.learning_rate_scale = 0.6
+  c.optimizer.learning_rate_scale = 0.4   # measured: see the docstring
   c.num_train_steps = 100_000     # bounded by --config.max_minutes (quickstart --minutes)
   c.max_minutes = 0.0
   c.log_every_steps = 20
