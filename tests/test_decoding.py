@@ -187,10 +187,10 @@ def test_wide_beam_finds_the_best_of_all_sequences():
         0 if empty_allowed else 1)
 
 
-def test_no_empty_translation_of_a_non_empty_source():
-  # A model that always wants to stop: the last post-LN LayerNorm outputs its
-  # bias alone (scale 0), set to a long eos embedding, so the tied output
-  # layer scores eos far above every other token at every step.
+def _eos_loving_params():
+  """A model that always wants to stop: the last post-LN LayerNorm outputs
+  its bias alone (scale 0), set to a long eos embedding, so the tied output
+  layer scores eos far above every other token at every step."""
   params = _peaky_params(CONFIG, 5)
   emb = params["shared_embedding"]["embedding"]
   emb = emb.at[EOS_ID].multiply(10.0)
@@ -198,6 +198,11 @@ def test_no_empty_translation_of_a_non_empty_source():
   norm = params["decoder"]["layers_0"]["ffn_norm"]
   norm["scale"] = jnp.zeros_like(norm["scale"])
   norm["bias"] = emb[EOS_ID]
+  return params
+
+
+def test_no_empty_translation_of_a_non_empty_source():
+  params = _eos_loving_params()
   src = jnp.asarray([[7, 9, EOS_ID, PAD_ID],      # "Fin." and the like
                      [EOS_ID, PAD_ID, PAD_ID, PAD_ID]], jnp.int32)  # empty
   logits = Transformer(CONFIG).apply({"params": params}, src,
@@ -275,15 +280,9 @@ def test_growing_caches_give_the_tokens_of_one_full_length_loop(
 
 
 def test_a_batch_whose_rows_all_ended_launches_no_later_segment(monkeypatch):
-  # A model that ends every row after one token (see the test above): with
-  # a limit of 4 + 40 tokens the first segment (16) holds the whole search.
-  params = _peaky_params(CONFIG, 5)
-  emb = params["shared_embedding"]["embedding"]
-  emb = emb.at[EOS_ID].multiply(10.0)
-  params["shared_embedding"]["embedding"] = emb
-  norm = params["decoder"]["layers_0"]["ffn_norm"]
-  norm["scale"] = jnp.zeros_like(norm["scale"])
-  norm["bias"] = emb[EOS_ID]
+  # A model that ends every row after one token: with a limit of 4 + 40
+  # tokens the first segment (16) holds the whole search.
+  params = _eos_loving_params()
   src = jnp.asarray([[7, 9, 11, EOS_ID], [5, EOS_ID, PAD_ID, PAD_ID]],
                     jnp.int32)
   grows = _counting_grows(monkeypatch)
