@@ -138,8 +138,7 @@ def build(preset: str, max_len: int, tokens_per_step: int, dtype: str,
   rows = max(1, tokens_per_step // max_len)
   batch = {k: jnp.asarray(v) for k, v in synthetic_batch(
       rows, max_len, model_config.vocab_size).items()}
-  state = jax.jit(lambda r: steps_lib.create_train_state(
-      parts["model"], parts["tx"], r))(jax.random.key(0))
+  state = jax.jit(parts["create_state"])(jax.random.key(0))
   return model_config, rows, parts["train_step"], state, batch, jax.random.key(1)
 
 

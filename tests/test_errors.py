@@ -82,6 +82,7 @@ def assert_usage_error(code, err, *needles):
     (["--input=/nonexistent/src.txt"], ["/nonexistent/src.txt"]),
     (["--decoding=sample"], ["--decoding"]),
     (["--bogus_flag=1"], ["bogus_flag"]),
+    (["--ema"], ["--ema", "kept no moving average", "ema_decay"]),
 ])
 def test_evaluate_usage_errors(workdir, no_loading, capsys, args, needles):
   if not any(a.startswith("--workdir") for a in args):

@@ -40,13 +40,14 @@ TARGETS = [
 
 
 def make_workdir(path, steps=(10, 20, 30), distinct_last=True,
-                 drop_fields=(), **model):
+                 drop_fields=(), ema_decay=0.0, **model):
   """A workdir with a tokenizer and checkpoints of the `tiny` model.
 
   Steps share one random params tree, except the last one (distinct_last).
   model: TransformerConfig fields changed from the preset; drop_fields:
   model fields left out of the saved record (a checkpoint written before
-  they existed).
+  they existed); ema_decay > 0: a run that keeps a moving average of the
+  params, saved as each step's params scaled by 0.5.
   Returns (workdir, model_config, {step: params}).
   """
   workdir = str(path)
@@ -62,6 +63,7 @@ def make_workdir(path, steps=(10, 20, 30), distinct_last=True,
   config.data.max_len = 32
   config.data.eval_src_file = str(data_dir / "src.txt")
   config.data.eval_tgt_file = str(data_dir / "tgt.txt")
+  config.optimizer.ema_decay = ema_decay
   model_config = TransformerConfig.preset("tiny", vocab_size=tok.vocab_size,
                                           max_len=64, **model)
   init = jax.jit(init_params, static_argnums=0)
@@ -75,8 +77,11 @@ def make_workdir(path, steps=(10, 20, 30), distinct_last=True,
     last = i == len(steps) - 1
     params = (init(model_config, jax.random.key(1))
               if last and distinct_last else shared)
-    state = types.SimpleNamespace(step=jnp.int32(step), params=params,
-                                  opt_state={"count": jnp.zeros((), jnp.int32)})
+    state = types.SimpleNamespace(
+        step=jnp.int32(step), params=params,
+        opt_state={"count": jnp.zeros((), jnp.int32)},
+        ema_params=(jax.tree.map(lambda x: 0.5 * x, params) if ema_decay
+                    else None))
     ckpt.save(step, state, None, record, force=True)
     saved[step] = params
   ckpt.close()
@@ -218,3 +223,24 @@ def test_checkpoint_written_before_attention_bias_existed_restores(tmp_path):
   assert loaded.model_config.attention_bias
   jax.tree.map(np.testing.assert_array_equal, loaded.params, saved[10])
   assert "bias" in loaded.params["encoder"]["layers_0"]["self_attention"]["query"]
+
+
+def test_ema_loads_the_moving_average_in_place_of_the_params(tmp_path):
+  path, _, saved = make_workdir(tmp_path / "run", steps=(10, 20),
+                                ema_decay=0.99)
+  leaf = lambda p: np.asarray(p["shared_embedding"]["embedding"])
+  raw = inference.load(path, "latest")
+  ema = inference.load(path, "latest", ema=True)
+  assert not raw.ema and ema.ema and ema.steps == [20]
+  np.testing.assert_array_equal(leaf(raw.params), leaf(saved[20]))
+  np.testing.assert_allclose(leaf(ema.params), 0.5 * leaf(saved[20]))
+  averaged = inference.load(path, "latest", average_last=2, ema=True)
+  np.testing.assert_allclose(
+      leaf(averaged.params), 0.25 * (leaf(saved[10]) + leaf(saved[20])),
+      rtol=1e-6)
+  assert inference.checkpoint_tag(ema.steps, ema.ema) == "ema_step20"
+  record = evaluate.run(path, input_file=str(tmp_path / "run/data/src.txt"),
+                        reference_file=str(tmp_path / "run/data/tgt.txt"),
+                        ema=True,
+                        options=translation.DecodeOptions(method="greedy"))
+  assert record["ema"] and ".ema_step20.greedy." in record["json_file"]

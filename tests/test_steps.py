@@ -133,8 +133,7 @@ def _small_setup(**optimizer):
       "tiny", num_encoder_layers=1, num_decoder_layers=1)
   parts = steps.build(model_config, config.optimizer, config.label_smoothing)
   data = SyntheticBatches(4, 16, model_config.vocab_size, seed=1)
-  state = steps.create_train_state(parts["model"], parts["tx"],
-                                   jax.random.key(0))
+  state = parts["create_state"](jax.random.key(0))
   return parts, data, state
 
 
@@ -200,3 +199,50 @@ def test_optimizer_is_the_papers_adam_with_optional_clipping(clip):
     assert np.abs(np.stack(unclipped) - np.stack(expected)).max() > 1e-4 * lrs[1]
 
 
+
+
+# ---------------------------------------------------------------- moving average
+
+def test_ema_update_by_hand():
+  ema = {"w": jnp.array([1.0, 2.0])}
+  params = {"w": jnp.array([3.0, -2.0])}
+  # Update 0: d = min(0.9, 1/10) = 0.1 -> 0.1 * ema + 0.9 * params.
+  np.testing.assert_allclose(steps.ema_update(ema, params, 0, 0.9)["w"],
+                             [2.8, -1.6], rtol=1e-6)
+  # Update 8: d = min(0.99, 9/18) = 0.5.
+  np.testing.assert_allclose(steps.ema_update(ema, params, 8, 0.99)["w"],
+                             [2.0, 0.0], atol=1e-6)
+  # Update 90: (91/100) > 0.9, so d = 0.9.
+  np.testing.assert_allclose(steps.ema_update(ema, params, 90, 0.9)["w"],
+                             [1.2, 1.6], rtol=1e-6)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_ema_follows_the_params_and_leaves_training_alone(accum):
+  parts, data, state = _small_setup(ema_decay=0.6, grad_accum_steps=accum)
+  plain_parts, _, plain = _small_setup(grad_accum_steps=accum)
+  assert plain.ema_params is None
+  jax.tree.map(np.testing.assert_array_equal, state.ema_params, state.params)
+  step, plain_step = jax.jit(parts["train_step"]), jax.jit(
+      plain_parts["train_step"])
+  rng = jax.random.key(3)
+  leaf = lambda tree: np.asarray(tree["decoder"]["layers_0"]["ffn"]["wi"]
+                                 ["kernel"], np.float64)
+  expected = leaf(state.params)
+  for i in range(6):
+    batch = {k: jnp.asarray(v) for k, v in next(data).items()}
+    state, _ = step(state, batch, rng)
+    plain, _ = plain_step(plain, batch, rng)
+    jax.tree.map(np.testing.assert_array_equal, state.params, plain.params)
+    if (i + 1) % accum == 0:   # an optimizer update: n = i // accum
+      n = i // accum
+      d = min(0.6, (1 + n) / (10 + n))
+      expected = d * expected + (1 - d) * leaf(state.params)
+    np.testing.assert_allclose(leaf(state.ema_params), expected, rtol=1e-5,
+                               atol=1e-7)
+  assert not np.allclose(leaf(state.ema_params), leaf(state.params))
+
+
+def test_ema_decay_out_of_range_names_the_field():
+  with pytest.raises(ValueError, match="ema_decay=1.0"):
+    _small_setup(ema_decay=1.0)

@@ -26,6 +26,8 @@ The ``state`` item is a dict (documented names):
                 params/encoder/layers_0/self_attention/query/kernel
                 [d_model, heads, head_dim], params/decoder/layers_2/ffn/wi/kernel ...
     opt_state   Optax state (Adam mu / nu mirror params, plus counts)
+    ema_params  only with optimizer.ema_decay > 0: the moving average of
+                params, the same tree
 
 With only ``orbax-checkpoint`` installed::
 
@@ -101,6 +103,7 @@ STRUCTURAL_FIELDS = (
     "data.target_lang", "data.train_split", "data.train_src_file",
     "data.train_tgt_file", "data.train_tsv_file", "data.max_len",
     "data.long_pairs", "data.seed", "data.num_packing_bins", "batch_size",
+    "optimizer.ema_decay>0",
 )
 
 
@@ -187,13 +190,17 @@ def _json_default(x):
 
 
 def state_to_dict(state) -> dict[str, Any]:
-  return {"step": state.step, "params": state.params,
-          "opt_state": state.opt_state}
+  d = {"step": state.step, "params": state.params,
+       "opt_state": state.opt_state}
+  if getattr(state, "ema_params", None) is not None:
+    d["ema_params"] = state.ema_params
+  return d
 
 
 def state_from_dict(template, d):
   return template.replace(step=d["step"], params=d["params"],
-                          opt_state=d["opt_state"])
+                          opt_state=d["opt_state"],
+                          ema_params=d.get("ema_params"))
 
 
 class _FrozenIteratorState:

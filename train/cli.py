@@ -57,7 +57,7 @@ def run_command(main: Callable[[Sequence[str]], int], argv: Sequence[str]
 
 
 def define_model_flags(fv: flags.FlagValues) -> None:
-  """--workdir, --checkpoint, --average_last: which trained model."""
+  """--workdir, --checkpoint, --average_last, --ema: which trained model."""
   d = dict(flag_values=fv)
   flags.DEFINE_string("workdir", None, "The training run's directory.", **d)
   flags.DEFINE_string("checkpoint", "latest", "latest (the newest that "
@@ -65,6 +65,8 @@ def define_model_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("average_last", 0, "Average the params of the last N "
                        "checkpoints up to --checkpoint; 0 or 1: no averaging.",
                        **d)
+  flags.DEFINE_bool("ema", False, "Use the moving average of the params kept "
+                    "by a run with optimizer.ema_decay > 0.", **d)
 
 
 def define_decode_flags(fv: flags.FlagValues, methods=METHODS) -> None:
@@ -84,11 +86,13 @@ def define_decode_flags(fv: flags.FlagValues, methods=METHODS) -> None:
     flags.DEFINE_integer("seed", 0, "Sampling seed.", **d)
 
 
-def model_choice(f: flags.FlagValues) -> tuple[str, str | int, int]:
-  """(workdir, checkpoint, average_last), checked before anything loads.
+def model_choice(f: flags.FlagValues) -> tuple[str, str | int, int, bool]:
+  """(workdir, checkpoint, average_last, ema), checked before anything loads:
+  the arguments of ``inference.load``.
 
   UsageError when --workdir is missing, is not a trained run's directory,
-  holds no checkpoint of the asked step, or --average_last is negative.
+  holds no checkpoint of the asked step, --average_last is negative, or
+  --ema asks a run that kept no moving average.
   """
   if not f.workdir:
     raise UsageError("--workdir is required: the directory of a training run")
@@ -102,7 +106,11 @@ def model_choice(f: flags.FlagValues) -> tuple[str, str | int, int]:
                      f"in {f.workdir}; steps: {steps}")
   if f.average_last < 0:
     raise UsageError(f"--average_last={f.average_last}: use a count >= 0")
-  return f.workdir, checkpoint, f.average_last
+  if f.ema and not inference.has_ema(inference.run_config(f.workdir).to_dict()):
+    raise UsageError(f"--ema: the run in {f.workdir} kept no moving average of "
+                     "its params (optimizer.ema_decay=0); drop --ema, or "
+                     "train with --config.optimizer.ema_decay=0.99")
+  return f.workdir, checkpoint, f.average_last, f.ema
 
 
 def decode_options(f: flags.FlagValues) -> DecodeOptions:

@@ -158,7 +158,8 @@ def evenly_spaced(n: int, k: int) -> list[int]:
 
 
 def run(workdir, *, split="test", input_file=None, reference_file=None,
-        checkpoint="latest", average_last=0, options=DecodeOptions(),
+        checkpoint="latest", average_last=0, ema=False,
+        options=DecodeOptions(),
         output_dir=None, max_sentences=0) -> dict[str, Any]:
   """Decodes and scores; returns (and writes) the result record.
 
@@ -179,14 +180,16 @@ def run(workdir, *, split="test", input_file=None, reference_file=None,
     references = None if references is None else [references[i] for i in keep]
   out_dir = _writable_dir(epath.Path(output_dir or
                                      epath.Path(workdir) / "eval"))
-  loaded = inference.load(workdir, checkpoint, average_last)
+  loaded = inference.load(workdir, checkpoint, average_last, ema)
   max_src_tokens = loaded.experiment_config.get("data", {}).get("max_len")
   hypotheses, _, _ = translate_texts(loaded.model_config, loaded.params,
                                      loaded.tokenizer, sources, options,
                                      max_src_tokens=max_src_tokens)
-  stem = f"{what}.{inference.checkpoint_tag(loaded.steps)}.{options.tag()}"
+  tag = inference.checkpoint_tag(loaded.steps, loaded.ema)
+  stem = f"{what}.{tag}.{options.tag()}"
   record: dict[str, Any] = {
       "workdir": str(workdir), "data": what, "steps": loaded.steps,
+      "ema": loaded.ema,
       "decoding": dataclasses.asdict(options),
       "num_sentences": len(hypotheses)}
   if references is not None:
@@ -206,7 +209,7 @@ def run(workdir, *, split="test", input_file=None, reference_file=None,
 
 def main(argv: Sequence[str]) -> int:
   f = cli.parse_flags(_define_flags, argv, __doc__)
-  workdir, checkpoint, average_last = cli.model_choice(f)
+  workdir, checkpoint, average_last, ema = cli.model_choice(f)
   options = cli.decode_options(f)
   if f.reference and not f.input:
     raise cli.UsageError("--reference needs --input (the source file it "
@@ -216,7 +219,7 @@ def main(argv: Sequence[str]) -> int:
                          ">= 0 (0: all)")
   record = run(workdir, split=f.split, input_file=f.input,
                reference_file=f.reference, checkpoint=checkpoint,
-               average_last=average_last, options=options,
+               average_last=average_last, ema=ema, options=options,
                output_dir=f.output_dir, max_sentences=f.max_sentences)
   if "hypotheses_file" in record:
     print(f"hypotheses: {record['hypotheses_file']}")

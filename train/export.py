@@ -205,7 +205,7 @@ def main(argv: Sequence[str]) -> int:
   if output.exists() and f.overwrite:
     shutil.rmtree(output)
   path = export_ctranslate2(loaded, output)
-  steps = inference.checkpoint_tag(loaded.steps)
+  steps = inference.checkpoint_tag(loaded.steps, loaded.ema)
   print(f"CTranslate2 model of {f.workdir} ({steps}) in {path}; "
         f"SentencePiece model: {path / SPM_FILE}")
   return 0

@@ -15,6 +15,9 @@ deleted), "best" (by the run's best metric on the validation split, the
 latest if none has it) or a step number (that step, or an error).
 ``average_last=N > 1``: the element-wise mean of the last N restorable
 checkpoints up to and including the chosen one (accumulated in float64).
+``ema=True``: the moving average of the params that a run with
+``optimizer.ema_decay`` > 0 keeps in each checkpoint, in place of the params
+(averaged too with ``average_last``).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class LoadedModel(NamedTuple):
   experiment_config: ml_collections.ConfigDict  # the run's config
   steps: list[int]         # the checkpoint step(s) whose params these are
   tokenizer: tokenizer_lib.Tokenizer
+  ema: bool = False        # the params' moving average (optimizer.ema_decay)
 
 
 def parse_checkpoint(value: str) -> str | int:
@@ -91,8 +95,11 @@ class _Reader:
     return self.manager.restore(step, args=ocp.args.Composite(**{
         checkpointing.CONFIG: ocp.args.JsonRestore()}))[checkpointing.CONFIG]
 
-  def params(self, step: int, model_config: TransformerConfig):
-    """The params of ``step`` on the first local device (nothing else read)."""
+  def params(self, step: int, model_config: TransformerConfig,
+             ema: bool = False):
+    """The params (or with ``ema`` their moving average) of ``step`` on the
+    first local device (nothing else read)."""
+    item = "ema_params" if ema else "params"
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shapes = jax.eval_shape(lambda rng: init_params(model_config, rng),
                             jax.random.key(0))
@@ -103,15 +110,20 @@ class _Reader:
         lambda _: ocp.ArrayRestoreArgs(sharding=sharding), shapes)
     restored = self.manager.restore(step, args=ocp.args.Composite(**{
         checkpointing.STATE: ocp.args.PyTreeRestore(
-            item={"params": target}, restore_args={"params": restore_args},
+            item={item: target}, restore_args={item: restore_args},
             partial_restore=True)}))
-    return restored[checkpointing.STATE]["params"]
+    return restored[checkpointing.STATE][item]
 
-  def model(self, step: int):
+  def model(self, step: int, ema: bool = False):
     """(model config, experiment config dict, params) of one step."""
     record = self.record(step)
     model_config = TransformerConfig.from_dict(record["model"])
-    return model_config, record["experiment"], self.params(step, model_config)
+    if ema and not has_ema(record["experiment"]):
+      raise NoMovingAverageError(
+          f"checkpoint step {step} in {self.directory} has no moving average "
+          "of the params (its run had optimizer.ema_decay=0); drop --ema")
+    return (model_config, record["experiment"],
+            self.params(step, model_config, ema))
 
   def best_step(self, steps: Sequence[int], experiment: dict) -> int | None:
     """The best step by the run's best metric (None if no step has it)."""
@@ -138,46 +150,58 @@ def run_config(workdir) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(record["experiment"])
 
 
+class NoMovingAverageError(checkpointing.IncompatibleCheckpointError):
+  """--ema asked of a run that kept no moving average of its params (never
+  skipped as a damaged checkpoint would be)."""
+
+
+def has_ema(experiment: dict) -> bool:
+  """Whether a run (its experiment config dict) keeps a params average."""
+  return (experiment.get("optimizer", {}).get("ema_decay") or 0) > 0
+
+
 def load(workdir, checkpoint: str | int = "latest",
-         average_last: int = 0) -> LoadedModel:
+         average_last: int = 0, ema: bool = False) -> LoadedModel:
   """Model config, params (of one step, or averaged) and tokenizer of a run."""
   check_workdir(workdir)
   model_config, experiment, params, used = load_params(workdir, checkpoint,
-                                                       average_last)
+                                                       average_last, ema)
   tok = tokenizer_lib.load(tokenizer_lib.model_path(workdir))
   if tok.vocab_size > model_config.vocab_size:
     raise ValueError(f"the tokenizer in {workdir} has {tok.vocab_size} ids but "
                      f"the model only {model_config.vocab_size}: they are not "
                      "from the same run")
   return LoadedModel(model_config, params,
-                     ml_collections.ConfigDict(experiment), used, tok)
+                     ml_collections.ConfigDict(experiment), used, tok, ema)
 
 
 def load_params(workdir, checkpoint: str | int = "latest",
-                average_last: int = 0
+                average_last: int = 0, ema: bool = False
                 ) -> tuple[TransformerConfig, dict, Any, list[int]]:
   """(model config, experiment config dict, params, steps used), no tokenizer."""
   steps = check_workdir(workdir, need_tokenizer=False)
   reader = _Reader(workdir)
   wanted = checkpoint if isinstance(checkpoint, int) else None
+  model_of = lambda step: reader.model(step, ema)
   step, (model_config, experiment, params), _ = checkpointing.restore_newest(
-      reader.directory, steps, wanted, reader.model)
+      reader.directory, steps, wanted, model_of)
   if checkpoint == "best":
     best = reader.best_step([s for s in steps if s <= step], experiment)
     if best is not None and best != step:
       step, (model_config, experiment, params), _ = (
           checkpointing.restore_newest(reader.directory, steps, best,
-                                       reader.model))
+                                       model_of))
   used = [step]
   if average_last > 1:
     params, used = _average(reader, model_config, params, step,
-                            [s for s in steps if s < step], average_last)
+                            [s for s in steps if s < step], average_last, ema)
   logging.info("Loaded params of step(s) %s from %s", used, reader.directory)
   return model_config, experiment, params, used
 
 
 def _average(reader: _Reader, model_config, params, step: int,
-             earlier: list[int], n: int) -> tuple[Any, list[int]]:
+             earlier: list[int], n: int, ema: bool = False
+             ) -> tuple[Any, list[int]]:
   """Mean of ``params`` (of ``step``) and the newest restorable earlier steps.
 
   Each checkpoint is read once and accumulated in float64 (memory: two
@@ -189,7 +213,7 @@ def _average(reader: _Reader, model_config, params, step: int,
     if len(used) == n:
       break
     try:
-      more = reader.params(s, model_config)
+      more = reader.params(s, model_config, ema)
     except Exception as e:  # pylint: disable=broad-except
       checkpointing.warn_skipped(s, reader.directory, e)
       continue
@@ -213,8 +237,9 @@ def average_checkpoints(workdir, steps: Sequence[int]):
                   len(steps))[0]
 
 
-def checkpoint_tag(steps: Sequence[int]) -> str:
-  """step<N>, or avg<k>_step<first>-<last> for averaged params (file names)."""
-  if len(steps) == 1:
-    return f"step{steps[0]}"
-  return f"avg{len(steps)}_step{steps[0]}-{steps[-1]}"
+def checkpoint_tag(steps: Sequence[int], ema: bool = False) -> str:
+  """step<N>, or avg<k>_step<first>-<last> for averaged params (file names);
+  ema_ before either for the params' moving average."""
+  tag = (f"step{steps[0]}" if len(steps) == 1
+         else f"avg{len(steps)}_step{steps[0]}-{steps[-1]}")
+  return f"ema_{tag}" if ema else tag

@@ -32,7 +32,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from train import steps as steps_lib
 from train.batches import BATCH_KEYS
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -169,8 +168,7 @@ class Runner:
   # shapes of a fresh state, logical boxes kept
   def _abstract_boxed(self):
     return jax.eval_shape(
-        lambda rng: steps_lib.create_train_state(
-            self.parts["model"], self.parts["tx"], rng, boxed=True),
+        lambda rng: self.parts["create_state"](rng, boxed=True),
         jax.random.key(0))
 
 
@@ -193,10 +191,8 @@ class JitRunner(Runner):
           f"global batch size {global_batch_size} is not divisible by the "
           f"{n_batch} batch shards of mesh {dict(self.mesh.shape)}")
     replicated = NamedSharding(self.mesh, P())
-    model, tx = self.parts["model"], self.parts["tx"]
-    self._init = jax.jit(
-        lambda rng: steps_lib.create_train_state(model, tx, rng),
-        out_shardings=self.shardings)
+    self._init = jax.jit(self.parts["create_state"],
+                         out_shardings=self.shardings)
     batch_sh = {k: self.batch_sharding for k in BATCH_KEYS}
     self._train = jax.jit(self.parts["train_step"],
                           in_shardings=(self.shardings, batch_sh, replicated),
@@ -287,8 +283,7 @@ class PmapRunner(Runner):
     return jax.tree.map(put, tree)
 
   def init_state(self, rng):
-    state = jax.jit(lambda r: steps_lib.create_train_state(
-        self.parts["model"], self.parts["tx"], r))(rng)
+    state = jax.jit(self.parts["create_state"])(rng)
     return self._replicate(state)
 
   def place_state(self, state):

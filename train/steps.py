@@ -23,6 +23,16 @@ Optimiser (section 5.3): Adam(beta1=0.9, beta2=0.98, eps=1e-9) with
     lr(step) = scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)
 
 with ``step`` counted from 1 (optimizer updates, not micro-batches).
+
+Parameter averaging (a departure, ``optimizer.ema_decay`` > 0): the state
+also carries an exponential moving average of the params, updated after each
+optimizer update n = 0, 1, ... (``ema_update``) with
+
+    ema <- d_n * ema + (1 - d_n) * params,   d_n = min(ema_decay, (1 + n) / (10 + n))
+
+starting from the initial params; d_n's ramp (TensorFlow's
+ExponentialMovingAverage with num_updates) keeps the random initialisation
+from weighing on the average early in a short run.
 """
 
 from __future__ import annotations
@@ -49,10 +59,13 @@ class TrainState(flax.struct.PyTreeNode):
   step: int32 scalar, number of train_step calls done (micro-batches).
   params: the model's params tree (float32), names in model/transformer.py.
   opt_state: the Optax state (Adam moments, counts, accumulators).
+  ema_params: the moving average of params (their tree), or None when
+    optimizer.ema_decay is 0.
   """
   step: jax.Array
   params: Any
   opt_state: Any
+  ema_params: Any = None
 
 
 # ---------------------------------------------------------------- schedule
@@ -159,6 +172,17 @@ def make_optimizer(opt_config, d_model: int
   return tx, schedule
 
 
+def ema_update(ema_params, params, num_updates, ema_decay: float):
+  """The moving average after optimizer update ``num_updates`` (0 first).
+
+  d = min(ema_decay, (1 + n) / (10 + n)); returns d * ema + (1 - d) * params.
+  """
+  n = jnp.asarray(num_updates, jnp.float32)
+  decay = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
+                      ema_params, params)
+
+
 # ---------------------------------------------------------------- loss
 
 def label_smoothing_floor(vocab_size: int, label_smoothing: float) -> float:
@@ -227,7 +251,8 @@ def _apply(model: Transformer, params, batch: Batch, deterministic: bool,
 def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
                model: Transformer, tx: optax.GradientTransformation,
                schedule: optax.Schedule, label_smoothing: float = 0.1,
-               grad_accum_steps: int = 1, axis_name: str | None = None
+               grad_accum_steps: int = 1, axis_name: str | None = None,
+               ema_decay: float = 0.0
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimiser step (or micro-step) on ``batch``; returns (state, metrics).
 
@@ -261,6 +286,14 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
   metrics["learning_rate"] = schedule(state.step // grad_accum_steps)
   new_state = state.replace(step=state.step + 1, params=params,
                             opt_state=opt_state)
+  if ema_decay > 0:
+    # With accumulation the params change on every k-th micro-step only.
+    updated = (state.step + 1) % grad_accum_steps == 0
+    ema = ema_update(state.ema_params, params, state.step // grad_accum_steps,
+                     ema_decay)
+    new_state = new_state.replace(ema_params=jax.tree.map(
+        lambda new, old: jnp.where(updated, new, old), ema,
+        state.ema_params))
   return new_state, metrics
 
 
@@ -281,13 +314,17 @@ def eval_step(params, batch: Batch, *, model: Transformer,
 # ---------------------------------------------------------------- building
 
 def create_train_state(model: Transformer, tx: optax.GradientTransformation,
-                       rng: jax.Array, boxed: bool = False) -> TrainState:
-  """Fresh state. boxed=True keeps the logical-axis boxes (for eval_shape)."""
+                       rng: jax.Array, boxed: bool = False,
+                       ema: bool = False) -> TrainState:
+  """Fresh state. boxed=True keeps the logical-axis boxes (for eval_shape);
+  ema: the moving average starts as a copy of the initial params."""
   shapes = example_batch()
   variables = model.init(rng, shapes["src"], shapes["tgt"])
   params = variables["params"]
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                     opt_state=tx.init(params))
+                     opt_state=tx.init(params),
+                     ema_params=jax.tree.map(jnp.copy, params) if ema
+                     else None)
   return state if boxed else nn.unbox(state)
 
 
@@ -300,10 +337,17 @@ def build(model_config: TransformerConfig, opt_config, label_smoothing: float
   model = Transformer(model_config)
   tx, schedule = make_optimizer(opt_config, model_config.d_model)
   accum = max(1, int(opt_config.grad_accum_steps))
+  ema_decay = float(opt_config.get("ema_decay", 0.0))
+  if not 0.0 <= ema_decay < 1.0:
+    raise ValueError(f"config.optimizer.ema_decay={ema_decay}: choose a decay "
+                     "in [0, 1) (0 = no moving average; 0.999 is common)")
   step = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
                            label_smoothing=label_smoothing,
-                           grad_accum_steps=accum)
+                           grad_accum_steps=accum, ema_decay=ema_decay)
   evaluate = functools.partial(eval_step, model=model,
                                label_smoothing=label_smoothing)
+  create_state = functools.partial(create_train_state, model, tx,
+                                   ema=ema_decay > 0)
   return {"model": model, "tx": tx, "schedule": schedule,
-          "train_step": step, "eval_step": evaluate}
+          "train_step": step, "eval_step": evaluate,
+          "create_state": create_state}

@@ -383,6 +383,13 @@ def restore_or_init(ckpt, runner, train_iter, record, rng, checkpoint_step,
 
 # ---------------------------------------------------------------- the loop
 
+def evaluated_params(state):
+  """What validation scores (and the best checkpoint is chosen by): the
+  params' moving average where the run keeps one (optimizer.ema_decay),
+  else the params."""
+  return state.params if state.ema_params is None else state.ema_params
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        checkpoint_step: int | None = None) -> dict[str, Any]:
   """Trains (or resumes) the experiment in ``workdir``; returns last metrics.
@@ -473,8 +480,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         step_seconds = timer and timer.step_seconds(step, step_metrics)
         if step_seconds:
           eval_start = time.time()
-          last_eval = evaluate_loss(runner, state.params, eval_data,
-                                    config.num_eval_batches)
+          last_eval = evaluate_loss(runner, evaluated_params(state),
+                                    eval_data, config.num_eval_batches)
           eval_seconds = time.time() - eval_start
           writer.write(step, last_eval)
           fit = step + steps_in_budget(
@@ -520,11 +527,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           say(progress_line(step, total, scalars, max(0.0, eta)))
           ckpt.check_for_errors()
         if evaluate_now:
-          last_eval = evaluate_loss(runner, state.params, eval_data,
-                                    config.num_eval_batches)
+          last_eval = evaluate_loss(runner, evaluated_params(state),
+                                    eval_data, config.num_eval_batches)
           if bleu and (step % config.eval_bleu_every_steps == 0 or finishing):
             last_eval.update(evaluate_bleu(
-                model_config, runner.host_params(state.params), bleu,
+                model_config, runner.host_params(evaluated_params(state)), bleu,
                 eval_data.references, tok, bleu_options(config)))
           last_metrics.update(last_eval)
           writer.write(step, last_eval)

@@ -75,7 +75,7 @@ def run(argv: Sequence[str], stdin: BinaryIO, stdout: TextIO,
   """The whole program on explicit streams; returns the exit status."""
   try:
     f = cli.parse_flags(_define_flags, argv, __doc__)
-    workdir, checkpoint, average_last = cli.model_choice(f)
+    choice = cli.model_choice(f)
     options = cli.decode_options(f)
     if f.max_input_tokens is not None and f.max_input_tokens < 2:
       raise cli.UsageError(f"--max_input_tokens={f.max_input_tokens}: use at "
@@ -103,7 +103,7 @@ def run(argv: Sequence[str], stdin: BinaryIO, stdout: TextIO,
           f"sentence, got {sum(bool(l.strip()) for l in lines)}", file=stderr)
     return 2
 
-  loaded = inference.load(workdir, checkpoint, average_last)
+  loaded = inference.load(*choice)
   cfg, tok = loaded.model_config, loaded.tokenizer
   for number, line in enumerate(lines, start=1):
     unknown = tok.unknown_characters(line)

@@ -116,6 +116,10 @@ def base_config() -> ml_collections.ConfigDict:
       grad_clip_norm=0.0,        # 0 = off (the paper does not clip)
       grad_accum_steps=1,        # >1: optax.MultiSteps over micro-batches
       weight_decay=0.0,          # >0: AdamW (departure)
+      # >0: also keep an exponential moving average of the params with this
+      # decay (train/steps.py, ema_update), read with --ema by evaluate,
+      # translate, inspect and export. 0 = off.
+      ema_decay=0.0,
   ))
 
   # Length of training: whichever comes first. max_minutes: wall time of one
