@@ -426,11 +426,13 @@ def _rows_done(state, beam_size: int):
           (state["alive_log_probs"][:, 0] == NEG_INF))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "beam_size", "alpha"),
+@functools.partial(jax.jit, static_argnames=("config", "beam_size"),
                    donate_argnames=("state",))
-def _beam_segment(config, params, src, state, *, beam_size: int,
-                  alpha: float):
-  """The steps the cache has room for, until every row is done."""
+def _beam_segment(config, params, src, state, alpha, *, beam_size: int):
+  """The steps the cache has room for, until every row is done.
+
+  alpha: a traced float32, so every length penalty shares one compilation.
+  """
   batch = src.shape[0]
   vocab = config.output_vocab_size
   end = _cache_len(state["cache"])
@@ -520,7 +522,7 @@ def beam_search(config: TransformerConfig, params, src, *, beam_size: int = 4,
                                     cache_len=cache_len,
                                     max_extra_len=max_extra_len),
       lambda state: _beam_segment(config, params, src, state,
-                                  beam_size=beam_size, alpha=alpha),
+                                  jnp.float32(alpha), beam_size=beam_size),
       lambda state: jnp.all(_rows_done(state, beam_size)),
       max_decode_len, grow_cache)
   # Every row has at least one finished hypothesis: the limit forces eos.

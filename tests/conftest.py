@@ -15,6 +15,11 @@ import os
 import pytest
 from experiments import configs
 
+# The commands keep compiled programs in a persistent cache under ~/.cache
+# (train/cli.py); tests that run them do not write there, except the one
+# that checks the cache (test_translate.py), in a directory of its own.
+os.environ.setdefault("FLAX_MT_COMPILATION_CACHE", "0")
+
 
 @contextlib.contextmanager
 def _shared_build(tmp_path_factory, name):

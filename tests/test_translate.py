@@ -1,6 +1,7 @@
 """Tests of train/translate.py: order, empty and long lines, bad UTF-8, PNG."""
 
 import io
+import os
 import subprocess
 import sys
 
@@ -96,3 +97,23 @@ def test_attention_png(workdir, tmp_path):
   code, _, err = _run([f"--workdir={workdir}", f"--attention_png={png}",
                        *FAST], b"one\ntwo\n")
   assert code == 2 and "exactly one" in err
+
+
+def test_commands_keep_compiled_programs_for_the_next_one(workdir, tmp_path):
+  env = dict(os.environ, FLAX_MT_COMPILATION_CACHE="1",
+             XDG_CACHE_HOME=str(tmp_path),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  cache = tmp_path / "flax-transformer-mt" / "xla"
+  outputs = []
+  for _ in range(2):
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.translate", f"--workdir={workdir}",
+         *FAST], input="Luz.\nY dijo Dios.\n", capture_output=True,
+        text=True, env=env, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    outputs.append(proc.stdout)
+    entries = sorted(p.name for p in cache.iterdir())
+    assert any(name.startswith("jit__one_hypothesis_segment")
+               for name in entries), entries
+  assert outputs[0] == outputs[1]

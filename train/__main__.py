@@ -104,8 +104,9 @@ def main(argv):
   _ignore_callbacks_on_closed_loops()
   # Imported here so --help is fast and jax starts after flag parsing.
   from model import ConfigError  # pylint: disable=g-import-not-at-top
-  from train import checkpointing, trainer  # pylint: disable=g-import-not-at-top
+  from train import checkpointing, cli, trainer  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
+  cli.use_compilation_cache()  # a resumed run reads its programs back
   try:
     step = None if _CHECKPOINT.value == "latest" else int(_CHECKPOINT.value)
     trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, step)

@@ -2,14 +2,17 @@
 
     python -m train.evaluate --workdir=<dir> [--split=test|validation]
         [--input=src.txt --reference=ref.txt] [--checkpoint=latest|best|<step>]
-        [--average_last=N] [--decoding=beam|greedy] [--beam_size=4] [--alpha=0.6]
+        [--average_last=N] [--ema] [--decoding=beam|greedy] [--beam_size=4]
+        [--alpha=0.6]
 
 Hypotheses are detokenised by the run's SentencePiece model and scored with
 sacreBLEU on raw text: BLEU (cased, 13a tokenisation) and chrF, signatures
 printed. Written to ``<output_dir>/<what>.<checkpoint>.<decoding>.{txt,json}``
 (default ``<workdir>/eval``: the hypotheses, one per line in the split's
 order, and the scores). ``--average_last=N`` averages the params of the last
-N checkpoints up to the chosen one (the paper averages the last 5 or 20).
+N checkpoints up to the chosen one (the paper averages the last 5 or 20);
+``--ema`` scores the moving average of the params that a run with
+``optimizer.ema_decay`` > 0 keeps (file names then start ``ema_``).
 
 Every flag, the input files (same line counts), the split and the output
 directory (writable) are checked before the model loads: a mistake is one

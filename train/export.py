@@ -1,7 +1,8 @@
 """Export a trained model to CTranslate2, for fast CPU serving.
 
     python -m train.export --workdir=<dir> [--checkpoint=latest|best|<step>]
-        [--average_last=N] --format=ctranslate2 --output=<dir> [--overwrite]
+        [--average_last=N] [--ema] --format=ctranslate2 --output=<dir>
+        [--overwrite]
 
 Writes a CTranslate2 model directory (``model.bin``, ``config.json`` and the
 shared vocabulary) built with CTranslate2's own spec API

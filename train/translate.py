@@ -3,7 +3,7 @@
     python -m train.translate --workdir=<dir> [--input=file]
         [--decoding=beam|greedy|sample] [--beam_size=4] [--alpha=0.6]
         [--temperature=1 --top_k=0 --top_p=1 --seed=0]
-        [--checkpoint=latest|best|<step>] [--average_last=N]
+        [--checkpoint=latest|best|<step>] [--average_last=N] [--ema]
         [--attention_png=attn.png [--attention_layer=-1]]
 
 One sentence a line in, one translation a line out, same order (decoded in
@@ -142,6 +142,7 @@ def run(argv: Sequence[str], stdin: BinaryIO, stdout: TextIO,
 
 
 def main(argv: Sequence[str]) -> int:
+  cli.use_compilation_cache()
   return run(argv, sys.stdin.buffer, sys.stdout, sys.stderr)
 
 
