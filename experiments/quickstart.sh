@@ -48,8 +48,9 @@ step "4/6 test split, beam search 4 (averaging and alpha chosen on validation)"
 # mixes in a much weaker model), and the best length penalty shifts as the
 # model learns, so validation decides both, on 300 verses spread evenly
 # through the 983 of the split (a third of the decoding): greedy BLEU picks
-# the last checkpoint or the mean of the last 3, then beam-4 BLEU picks alpha
-# 0.6 (the paper's) or 1.0. Ties keep the first.
+# the last checkpoint, the mean of the last 3 or (in a run that keeps one)
+# the moving average of the params, then beam-4 BLEU picks alpha 0.6 (the
+# paper's) or 1.0. Ties keep the first.
 mkdir -p "$WORKDIR/eval_validation"
 validate() {  # validate TAG EVALUATE_FLAGS...: scores one choice on validation
   local tag=$1; shift
@@ -69,26 +70,40 @@ EOF
 }
 validate greedy_last1 --decoding=greedy --average_last=1
 validate greedy_last3 --decoding=greedy --average_last=3
-AVERAGE=$(best greedy_last1 greedy_last3); AVERAGE=${AVERAGE#greedy_last}
-validate beam4_alpha0.6 --beam_size=4 --alpha=0.6 --average_last="$AVERAGE"
-validate beam4_alpha1.0 --beam_size=4 --alpha=1.0 --average_last="$AVERAGE"
+CHOICES="greedy_last1 greedy_last3"
+if $PY - "$WORKDIR/config.json" <<'EOF'
+import json, sys  # a run with optimizer.ema_decay > 0 keeps a params average
+sys.exit(0 if json.load(open(sys.argv[1]))["optimizer"].get("ema_decay", 0) > 0 else 1)
+EOF
+then
+  validate greedy_ema --decoding=greedy --ema
+  CHOICES="$CHOICES greedy_ema"
+fi
+case $(best $CHOICES) in
+  greedy_ema) PARAMS="--ema" ;;
+  greedy_last3) PARAMS="--average_last=3" ;;
+  *) PARAMS="--average_last=1" ;;
+esac
+validate beam4_alpha0.6 --beam_size=4 --alpha=0.6 $PARAMS
+validate beam4_alpha1.0 --beam_size=4 --alpha=1.0 $PARAMS
 ALPHA=$(best beam4_alpha0.6 beam4_alpha1.0); ALPHA=${ALPHA#beam4_alpha}
-echo "  test with --average_last=$AVERAGE --alpha=$ALPHA"
+echo "  test with $PARAMS --alpha=$ALPHA"
 $PY -m train.evaluate --workdir="$WORKDIR" --split=test --beam_size=4 --alpha="$ALPHA" \
-  --average_last="$AVERAGE" --output_dir="$WORKDIR/eval_test"
+  $PARAMS --output_dir="$WORKDIR/eval_test"
 
-step "5/6 held-out verses (test split) beside their references"
-$PY - "$WORKDIR" "$SHOW" <<'EOF'
+step "5/6 held-out verses (test split) beside their references ($PARAMS, alpha $ALPHA)"
+$PY - "$WORKDIR" "$SHOW" --alpha="$ALPHA" $PARAMS <<'EOF'
 import subprocess, sys
 import train.datasets, tensorflow_datasets as tfds
-workdir, count = sys.argv[1], int(sys.argv[2])
+workdir, count, chosen = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 test = tfds.data_source("bible_es_en", split="test")
 step = max(1, len(test) // count)
 pairs = [test[i * step] for i in range(count)]
 decode = lambda v: v.decode() if isinstance(v, bytes) else str(v)
 sources = [decode(p["es"]) for p in pairs]
-out = subprocess.run([sys.executable, "-m", "train.translate", f"--workdir={workdir}"],
-                     input="\n".join(sources) + "\n", capture_output=True, text=True)
+out = subprocess.run([sys.executable, "-m", "train.translate", f"--workdir={workdir}",
+                      *chosen], input="\n".join(sources) + "\n", capture_output=True,
+                     text=True)
 if out.returncode:
     sys.exit(out.stderr)
 for pair, src, hyp in zip(pairs, sources, out.stdout.splitlines()):
@@ -98,7 +113,7 @@ EOF
 
 step "6/6 attention heat map"
 echo "El animal no cruzó la calle porque estaba muy cansado." | \
-  $PY -m train.translate --workdir="$WORKDIR" --attention_png="$WORKDIR/attention.png"
+  $PY -m train.translate --workdir="$WORKDIR" $PARAMS --attention_png="$WORKDIR/attention.png"
 
 step "the run in numbers"
 $PY - "$WORKDIR" <<'EOF'

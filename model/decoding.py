@@ -61,12 +61,17 @@ def decode_limits(config: TransformerConfig, src, max_extra_len: int
   A row's limit is its source length + max_extra_len tokens (eos included),
   capped by max_decode_len, itself capped by the positional table (max_len).
   """
-  if max_extra_len < 1:
-    raise ValueError(f"max_extra_len must be >= 1, got {max_extra_len}")
-  max_decode_len = min(src.shape[1] + max_extra_len, config.max_len)
+  max_decode_len = _max_decode_len(config, src, max_extra_len)
   src_lengths = jnp.sum(src != PAD_ID, axis=1).astype(jnp.int32)
   limits = jnp.minimum(src_lengths + max_extra_len, max_decode_len)
   return max_decode_len, limits
+
+
+def _max_decode_len(config: TransformerConfig, src, max_extra_len: int) -> int:
+  """decode_limits' static part, from src's shape alone (no device work)."""
+  if max_extra_len < 1:
+    raise ValueError(f"max_extra_len must be >= 1, got {max_extra_len}")
+  return min(src.shape[1] + max_extra_len, config.max_len)
 
 
 # The first segment's cache length; each next one doubles it
@@ -306,7 +311,7 @@ def _one_hypothesis_loop(config, params, src, choose: Callable, knobs,
                          max_extra_len: int, use_cache: bool,
                          grow_cache: bool):
   """Token-by-token decoding: int32 [batch, max_decode_len]."""
-  max_decode_len, _ = decode_limits(config, src, max_extra_len)
+  max_decode_len = _max_decode_len(config, src, max_extra_len)
   state = _run_segments(
       lambda cache_len: _one_hypothesis_start(
           config, params, src, cache_len=cache_len,
@@ -516,7 +521,7 @@ def beam_search(config: TransformerConfig, params, src, *, beam_size: int = 4,
   if beam_size < 1:
     raise ValueError(f"beam_size must be >= 1, got {beam_size}")
   src = jnp.asarray(src, jnp.int32)
-  max_decode_len, _ = decode_limits(config, src, max_extra_len)
+  max_decode_len = _max_decode_len(config, src, max_extra_len)
   state = _run_segments(
       lambda cache_len: _beam_start(config, params, src, beam_size=beam_size,
                                     cache_len=cache_len,
