@@ -191,6 +191,8 @@ def test_train_usage_errors(tmp_path):
         "--config.optimizer.schedule=wsd",
         "--config.optimizer.wsd_decay_fraction=0.9"],
        ["wsd_decay_fraction=0.9", "inside the warm-up of 100 steps"]),
+      (["--config=experiments/configs/tiny.py", f"--workdir={tmp_path}",
+        "--config.optimizer.ema_decay=1.5"], ["ema_decay=1.5", "[0, 1)"]),
       (["--config=experiments/configs/tiny.py"], ["--workdir is required"]),
       (["--config=experiments/configs/tiny.py", f"--workdir={tmp_path}",
         "--checkpoint=soon"], ["--checkpoint=soon"])):

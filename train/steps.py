@@ -172,6 +172,17 @@ def make_optimizer(opt_config, d_model: int
   return tx, schedule
 
 
+def ema_decay_of(opt_config) -> float:
+  """config.optimizer.ema_decay (0 = off); ValueError naming the field if it
+  is not in [0, 1)."""
+  ema_decay = float(opt_config.get("ema_decay", 0.0))
+  if not 0.0 <= ema_decay < 1.0:
+    raise ValueError(f"config.optimizer.ema_decay={ema_decay}: choose a decay "
+                     "in [0, 1) (0 = no moving average; 0.99 to 0.9999 are "
+                     "usual)")
+  return ema_decay
+
+
 def ema_update(ema_params, params, num_updates, ema_decay: float):
   """The moving average after optimizer update ``num_updates`` (0 first).
 
@@ -337,10 +348,7 @@ def build(model_config: TransformerConfig, opt_config, label_smoothing: float
   model = Transformer(model_config)
   tx, schedule = make_optimizer(opt_config, model_config.d_model)
   accum = max(1, int(opt_config.grad_accum_steps))
-  ema_decay = float(opt_config.get("ema_decay", 0.0))
-  if not 0.0 <= ema_decay < 1.0:
-    raise ValueError(f"config.optimizer.ema_decay={ema_decay}: choose a decay "
-                     "in [0, 1) (0 = no moving average; 0.999 is common)")
+  ema_decay = ema_decay_of(opt_config)
   step = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
                            label_smoothing=label_smoothing,
                            grad_accum_steps=accum, ema_decay=ema_decay)

@@ -409,6 +409,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     steps_lib.schedule_of(
         with_provisional_length(config).optimizer if planned
         else config.optimizer, config.model.d_model or 1)
+    steps_lib.ema_decay_of(config.optimizer)
   except ValueError as e:
     raise ConfigError(str(e)) from e
   sharding.maybe_initialize_distributed(config.distributed)
