@@ -298,13 +298,14 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
   new_state = state.replace(step=state.step + 1, params=params,
                             opt_state=opt_state)
   if ema_decay > 0:
-    # With accumulation the params change on every k-th micro-step only.
-    updated = (state.step + 1) % grad_accum_steps == 0
     ema = ema_update(state.ema_params, params, state.step // grad_accum_steps,
                      ema_decay)
-    new_state = new_state.replace(ema_params=jax.tree.map(
-        lambda new, old: jnp.where(updated, new, old), ema,
-        state.ema_params))
+    if grad_accum_steps > 1:
+      # The params change on every k-th micro-step only.
+      updated = (state.step + 1) % grad_accum_steps == 0
+      ema = jax.tree.map(lambda new, old: jnp.where(updated, new, old), ema,
+                         state.ema_params)
+    new_state = new_state.replace(ema_params=ema)
   return new_state, metrics
 
 
