@@ -4,13 +4,19 @@
         [--batch_size=64] [--recompute_verses=64] [--repeats=3]
         [--methods=greedy,greedy_one_loop,beam4,beam4_one_loop]
     python -m benchmarks.decode --workdir=<trained run> --ctranslate2 [--repeats=3]
+        [--devices=1,2]
 
 With --ctranslate2: the same weights exported to CTranslate2
 (``train.export``), decoded by it in float32 and int8 beside this project's
 search, on the same verses in the same length-sorted batches, greedy and beam
 4 (alpha 0.6); each repetition times every system once, in turn, and the
 table gives medians, ratios against CTranslate2 float32, and each row's BLEU.
-CTranslate2 runs with intra_threads = the cores, inter_threads = 1.
+CTranslate2 runs with intra_threads = the cores, inter_threads = 1. With
+--devices=1,2 (the default) this project's search also runs on two host
+devices, one batch each at a time (``train.translation.decode_ids``, what
+evaluate and translate do on a CPU by default), and CTranslate2 likewise
+with two workers of one thread each (inter_threads = 2, intra_threads = 1,
+the batches submitted asynchronously): both systems' best use of the cores.
 
 Decodes the `bible_es_en` test split (1,063 verses) with the `small` model:
 the workdir's params and tokenizer if --workdir is given, else random params
@@ -42,7 +48,7 @@ import numpy as np
 from benchmarks.common import emit, machine, table
 from model import TransformerConfig, decoding, init_params
 from train import inference
-from train.translation import make_batches, truncate
+from train.translation import DecodeOptions, decode_ids, make_batches, truncate
 
 GOALS = {"greedy": 500.0, "beam4": 150.0, "cache_speedup": 5.0}
 
@@ -116,34 +122,37 @@ def compare_ctranslate2(loaded, ids, references, args) -> None:
   batches = make_batches(ids, args.batch_size, config.max_len)
   export_dir = export.export_ctranslate2(loaded, tempfile.mkdtemp())
   cores = os.cpu_count() or 1
-  translators = {kind: ctranslate2.Translator(
+  workers = [n for n in args.devices if n > 1][:1]   # the parallel setting
+  translators = {(kind, 1): ctranslate2.Translator(
       str(export_dir), compute_type=kind, intra_threads=cores, inter_threads=1)
                  for kind in ("float32", "int8")}
+  for n in workers:
+    translators.update({(kind, n): ctranslate2.Translator(
+        str(export_dir), compute_type=kind, intra_threads=max(1, cores // n),
+        inter_threads=n) for kind in ("float32", "int8")})
 
-  def ours(beam):
+  def ours(beam, n_devices):
+    options = DecodeOptions(method="beam" if beam else "greedy", beam_size=4,
+                            alpha=0.6, batch_size=args.batch_size)
+    devices = jax.local_devices()[:n_devices]
+    return lambda: decode_ids(config, params, ids, options, devices)
+
+  def theirs(kind, beam, n_workers):
     def run():
       out = [[] for _ in ids]
-      for chunk, src in batches:
-        tokens = (decoding.beam_search(config, params, src, beam_size=4,
-                                       alpha=0.6).sequences[:, 0] if beam
-                  else decoding.greedy_search(config, params, src))
-        for i, row in zip(chunk, decoding.strip_special(tokens)):
-          out[i] = row
-      return out
-    return run
-
-  def theirs(kind, beam):
-    def run():
-      out = [[] for _ in ids]
+      pending = []
       for chunk, _ in batches:
         pieces = [[tok.id_to_piece(int(t)) for t in ids[i]] for i in chunk]
         longest = max(len(p) for p in pieces)
-        results = translators[kind].translate_batch(
+        results = translators[kind, n_workers].translate_batch(
             pieces, beam_size=4 if beam else 1, length_penalty=0.6,
             min_decoding_length=1,
             max_decoding_length=min(longest + 49, config.max_len - 1),
-            max_batch_size=args.batch_size)
+            max_batch_size=args.batch_size, asynchronous=n_workers > 1)
+        pending.append((chunk, results))
+      for chunk, results in pending:
         for i, r in zip(chunk, results):
+          r = r.result() if n_workers > 1 else r
           out[i] = [piece_ids[p] for p in r.hypotheses[0]]
       return out
     return run
@@ -151,9 +160,14 @@ def compare_ctranslate2(loaded, ids, references, args) -> None:
   systems = {}
   for beam in (False, True):
     search = "beam4" if beam else "greedy"
-    systems[f"ours {search}"] = ours(beam)
+    for n in args.devices:
+      on = "" if n == 1 else f" {n} devices"
+      systems[f"ours{on} {search}"] = ours(beam, n)
     for kind in ("float32", "int8"):
-      systems[f"ctranslate2 {kind} {search}"] = theirs(kind, beam)
+      systems[f"ctranslate2 {kind} {search}"] = theirs(kind, beam, 1)
+      for n in workers:
+        systems[f"ctranslate2 {kind} {n} workers {search}"] = theirs(
+            kind, beam, n)
   outputs = {name: run() for name, run in systems.items()}  # warm-up/compile
   times = {name: [] for name in systems}
   for _ in range(args.repeats):
@@ -226,7 +240,19 @@ def main():
   parser.add_argument("--ctranslate2", action="store_true",
                       help="compare with CTranslate2 on the same weights")
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--devices", default="1,2",
+                      help="with --ctranslate2: host device counts to run "
+                           "this project's search on (and CTranslate2 "
+                           "worker counts)")
   args = parser.parse_args()
+  try:
+    args.devices = [int(n) for n in args.devices.split(",")]
+  except ValueError:
+    parser.error(f"--devices={args.devices}: comma-separated counts, e.g. 1,2")
+  if min(args.devices) < 1:
+    parser.error(f"--devices: counts >= 1, got {args.devices}")
+  if args.ctranslate2 and max(args.devices) > 1:  # before JAX's backend starts
+    jax.config.update("jax_num_cpu_devices", max(args.devices))
 
   if args.repeats < 1:
     parser.error("--repeats: at least 1 timed pass")

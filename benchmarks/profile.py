@@ -176,10 +176,10 @@ def main():
 
   if "train" not in skip:
     from benchmarks import training  # pylint: disable=import-outside-toplevel
-    _, _, train_step, state, batch, rng = training.build(
+    _, _, parts, state, batch, rng = training.build(
         args.preset, args.max_len, args.tokens_per_step, "float32")
     # Not donated here: the same state is fed again at every repeat.
-    step = jax.jit(train_step)
+    step = jax.jit(parts["train_step"])
     report(profile(f"train_step_{args.preset}_{args.max_len}", step,
                    (state, batch, rng), trace_dir, args.steps), args.top)
 

@@ -3,6 +3,7 @@
     python -m benchmarks.training [--presets tiny,small,base] [--max_lens 64,128,256]
         [--tokens_per_step 0] [--steps 0] [--dtype float32]
         [--prng default|threefry2x32|rbg|unsafe_rbg] [--peak_gflops 0]
+        [--devices 1,2]
 
 Runs ``train.steps.train_step`` exactly as training binds it
 (``train.steps.build``), under ``jax.jit`` with the state donated, on
@@ -10,6 +11,13 @@ synthetic packed batches of the input pipeline's format (src, tgt, *_segment_ids
 *_positions: int32 [rows, max_len]). Every step holds the same number of
 positions (``--tokens_per_step``; default 16 rows x 128 = 2048, the batch of
 experiments/configs/bible_es_en.py): rows = tokens_per_step // max_len.
+
+``--devices 1,2`` times each configuration on 1 and on 2 host devices: the
+child process sets ``--xla_force_host_platform_device_count`` and trains
+through ``train.sharding.make_runner`` with the mesh's data axis over every
+device (the batch split, the state replicated), as ``python -m train`` does
+when it finds several devices; so two CPU devices each taking half the batch
+are timed against one device whose ops use both cores.
 
 Each (preset, max_len) runs in its own subprocess so that compile time and the
 peak resident memory (``resource.getrusage``, ``ru_maxrss``) belong to that
@@ -38,6 +46,7 @@ it: it also counts element-wise work, so it is a little higher.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -118,10 +127,11 @@ def xla_flops(compiled) -> float | None:
 
 def build(preset: str, max_len: int, tokens_per_step: int, dtype: str,
           model_overrides: dict | None = None):
-  """(model_config, rows, train_step, state, batch, rng) of one config.
+  """(model_config, rows, parts, state, batch, rng) of one config.
 
-  train_step is ``train.steps.build``'s (not jitted), state its fresh train
-  state, batch one synthetic packed batch of rows = tokens_per_step // max_len.
+  parts is ``train.steps.build``'s (``parts["train_step"]`` not jitted), state
+  its fresh train state, batch one synthetic packed batch of
+  rows = tokens_per_step // max_len.
   """
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -139,13 +149,17 @@ def build(preset: str, max_len: int, tokens_per_step: int, dtype: str,
   batch = {k: jnp.asarray(v) for k, v in synthetic_batch(
       rows, max_len, model_config.vocab_size).items()}
   state = jax.jit(parts["create_state"])(jax.random.key(0))
-  return model_config, rows, parts["train_step"], state, batch, jax.random.key(1)
+  return model_config, rows, parts, state, batch, jax.random.key(1)
 
 
 def run_one(preset: str, max_len: int, tokens_per_step: int, steps: int,
             dtype: str, prng: str, peak_gflops: float,
-            model_overrides: dict | None = None) -> dict:
+            model_overrides: dict | None = None, devices: int = 1) -> dict:
   """Compile and time train_step for one (preset, max_len) in this process."""
+  if devices > 1:  # before jax initialises its backend
+    os.environ["XLA_FLAGS"] = " ".join(
+        [os.environ.get("XLA_FLAGS", ""),
+         f"--xla_force_host_platform_device_count={devices}"]).strip()
   import jax  # pylint: disable=import-outside-toplevel
   if prng != "default":
     jax.config.update("jax_default_prng_impl", prng)
@@ -153,12 +167,28 @@ def run_one(preset: str, max_len: int, tokens_per_step: int, steps: int,
 
   from benchmarks.common import machine  # pylint: disable=import-outside-toplevel
 
-  model_config, rows, train_step, state, batch, rng = build(
+  model_config, rows, parts, state, batch, rng = build(
       preset, max_len, tokens_per_step, dtype, model_overrides)
-  step = jax.jit(train_step, donate_argnums=(0,))
-  start = time.perf_counter()
-  compiled = step.lower(state, batch, rng).compile()
-  compile_s = time.perf_counter() - start
+  if devices == 1:
+    step = jax.jit(parts["train_step"], donate_argnums=(0,))
+    start = time.perf_counter()
+    compiled = step.lower(state, batch, rng).compile()
+    compile_s = time.perf_counter() - start
+  else:
+    # Training's own placement: batch rows over the data axis, state by the
+    # rules (replicated for a data-only mesh), the step under the mesh.
+    from train import sharding  # pylint: disable=import-outside-toplevel
+    if jax.device_count() != devices:
+      raise RuntimeError(f"asked for {devices} devices, jax has "
+                         f"{jax.device_count()} (XLA_FLAGS set too late?)")
+    runner = sharding.make_runner(parts, rows, mesh_config={"data": -1})
+    state = runner.place_state(state)
+    batch = runner.place_batch({k: np.asarray(v) for k, v in batch.items()})
+    compiled = runner.train_step
+    start = time.perf_counter()
+    state, _ = compiled(state, batch, rng)   # compiles, then runs one step
+    jax.block_until_ready(state)
+    compile_s = time.perf_counter() - start
 
   # The machine may be shared: a float32 peak sample (benchmarks.peak's
   # 2048^3 jnp.dot) follows every timed step, so steps and peak see the same
@@ -167,8 +197,9 @@ def run_one(preset: str, max_len: int, tokens_per_step: int, steps: int,
   a = jnp.ones((size, size), jnp.float32)
   dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
   dot(a, a).block_until_ready()
-  state, metrics = compiled(state, batch, rng)   # warm-up
-  jax.block_until_ready((state, metrics))
+  if devices == 1:  # warm-up (with several devices, the compiling call was)
+    state, metrics = compiled(state, batch, rng)
+    jax.block_until_ready((state, metrics))
   times, peaks = [], []
   for _ in range(steps):
     start = time.perf_counter()
@@ -182,12 +213,12 @@ def run_one(preset: str, max_len: int, tokens_per_step: int, steps: int,
   peak_now = round(float(np.median(peaks)), 1)
 
   flops = model_flops(model_config, rows, max_len)
-  xla = xla_flops(compiled)
+  xla = xla_flops(compiled) if devices == 1 else None
   tgt_tokens = int(np.count_nonzero(np.asarray(batch["tgt"])))
   achieved = flops["flops"] / seconds / 1e9
   return {
       "benchmark": "train", "preset": preset, "max_len": max_len,
-      "dtype": dtype, "prng": prng, "rows": rows,
+      "dtype": dtype, "prng": prng, "rows": rows, "devices": devices,
       "model_overrides": model_overrides or {},
       "steps_timed": steps, "step_s": round(seconds, 4),
       "step_s_min": round(min(times), 4),
@@ -205,6 +236,7 @@ def run_one(preset: str, max_len: int, tokens_per_step: int, steps: int,
       "mfu": round(achieved / peak_now, 3),
       "mfu_vs_run_start_peak": (round(achieved / peak_gflops, 3)
                                 if peak_gflops else None),
+      # With several devices: the first call, compilation and one step.
       "compile_s": round(compile_s, 2),
       # Linux reports ru_maxrss in KiB.
       "peak_rss_mib": round(resource.getrusage(
@@ -226,8 +258,8 @@ DEFAULT_TOKENS_PER_STEP = 2048
 def run(presets=("tiny", "small", "base"), max_lens=(64, 128, 256),
         tokens_per_step: int = 0, steps: int = 0, dtype: str = "float32",
         prng: str = "default", peak_gflops: float = 0.0,
-        model_overrides: dict | None = None, quiet_table: bool = False
-        ) -> list[dict]:
+        model_overrides: dict | None = None, quiet_table: bool = False,
+        devices=(1,)) -> list[dict]:
   """All configurations, each in a subprocess; returns the records."""
   from benchmarks.common import emit, table  # pylint: disable=import-outside-toplevel
   if not peak_gflops:
@@ -235,27 +267,28 @@ def run(presets=("tiny", "small", "base"), max_lens=(64, 128, 256),
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
     peak_gflops = round(peak.measure(2048, jnp.float32, 5), 1)
   records = []
-  for preset in presets:
-    for max_len in max_lens:
-      args = dict(preset=preset, max_len=max_len,
-                  tokens_per_step=tokens_per_step or DEFAULT_TOKENS_PER_STEP,
-                  steps=steps or DEFAULT_STEPS.get(preset, 3), dtype=dtype,
-                  prng=prng, peak_gflops=peak_gflops,
-                  model_overrides=model_overrides)
-      load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-      proc = subprocess.run(
-          [sys.executable, "-m", "benchmarks.training", "--one", json.dumps(args)],
-          capture_output=True, text=True, check=False)
-      if proc.returncode:
-        sys.stderr.write(proc.stderr[-3000:])
-        record = {"benchmark": "train", "preset": preset, "max_len": max_len,
-                  "error": proc.stderr.strip().splitlines()[-1:]}
-      else:
-        record = json.loads(proc.stdout.strip().splitlines()[-1])
-      record["load_avg_1m_at_start"] = load
-      records.append(emit(record))
+  for preset, max_len, n_devices in itertools.product(presets, max_lens,
+                                                     devices):
+    args = dict(preset=preset, max_len=max_len,
+                tokens_per_step=tokens_per_step or DEFAULT_TOKENS_PER_STEP,
+                steps=steps or DEFAULT_STEPS.get(preset, 3), dtype=dtype,
+                prng=prng, peak_gflops=peak_gflops,
+                model_overrides=model_overrides, devices=n_devices)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.training", "--one", json.dumps(args)],
+        capture_output=True, text=True, check=False)
+    if proc.returncode:
+      sys.stderr.write(proc.stderr[-3000:])
+      record = {"benchmark": "train", "preset": preset, "max_len": max_len,
+                "error": proc.stderr.strip().splitlines()[-1:]}
+    else:
+      record = json.loads(proc.stdout.strip().splitlines()[-1])
+    record["load_avg_1m_at_start"] = load
+    records.append(emit(record))
   if not quiet_table:
-    print(table(records, ["preset", "max_len", "dtype", "rows", "steps_per_s",
+    print(table(records, ["preset", "max_len", "dtype", "rows", "devices",
+                          "steps_per_s",
                           "tgt_tokens_per_s", "model_gflops_per_step",
                           "xla_gflops_per_step", "mfu", "compile_s",
                           "peak_rss_mib"]))
@@ -279,6 +312,9 @@ def main():
                       help="JSON dict of TransformerConfig overrides")
   parser.add_argument("--peak_gflops", type=float, default=0.0,
                       help="float32 peak to use; 0: measure it now")
+  parser.add_argument("--devices", default="1",
+                      help="comma-separated host device counts to time each "
+                           "config on (data parallel over the mesh)")
   parser.add_argument("--one", default="", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.one:  # child process: one configuration, one JSON line
@@ -286,7 +322,8 @@ def main():
     return
   run(args.presets.split(","), [int(x) for x in args.max_lens.split(",")],
       args.tokens_per_step, args.steps, args.dtype, args.prng,
-      args.peak_gflops, json.loads(args.model))
+      args.peak_gflops, json.loads(args.model),
+      devices=[int(x) for x in args.devices.split(",")])
 
 
 if __name__ == "__main__":

@@ -20,6 +20,13 @@ from experiments import configs
 # that checks the cache (test_translate.py), in a directory of its own.
 os.environ.setdefault("FLAX_MT_COMPILATION_CACHE", "0")
 
+# The commands ask JAX for two CPU devices to decode on when its backend has
+# not started yet (train/cli.py: decoding_devices). Started here, with the
+# one device every in-process test expects; the tests of several devices run
+# child processes.
+import jax  # noqa: E402
+jax.devices()
+
 
 @contextlib.contextmanager
 def _shared_build(tmp_path_factory, name):

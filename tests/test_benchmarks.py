@@ -47,3 +47,23 @@ def test_profile_puts_the_matmuls_time_in_the_feed_forward(tmp_path):
   assert parts["feed-forward (wi, wo, relu)"] > 0
   assert max(parts, key=parts.get) == "feed-forward (wi, wo, relu)"
   assert 0 < result["ops_ms"] <= result["wall_ms"]
+
+
+def test_training_benchmark_two_devices_train_like_one():
+  """--devices=1,2: the data-parallel step over two host devices is timed,
+  and it computes the same losses as the one-device step (same batch, same
+  number of steps)."""
+  import json
+  import subprocess
+  import sys
+  out = subprocess.run(
+      [sys.executable, "-m", "benchmarks.training", "--presets=tiny",
+       "--max_lens=32", "--tokens_per_step=512", "--steps=2",
+       "--devices=1,2", "--peak_gflops=1"],
+      capture_output=True, text=True, check=True, timeout=600)
+  records = [json.loads(line) for line in out.stdout.splitlines()
+             if line.startswith("{")]
+  assert [(r["devices"], r["num_devices"]) for r in records] == [(1, 1), (2, 2)]
+  one, two = records
+  assert one["steps_per_s"] > 0 and two["steps_per_s"] > 0
+  assert abs(one["final_loss"] - two["final_loss"]) < 1e-3 * one["final_loss"]

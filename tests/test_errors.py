@@ -83,6 +83,8 @@ def assert_usage_error(code, err, *needles):
     (["--decoding=sample"], ["--decoding"]),
     (["--bogus_flag=1"], ["bogus_flag"]),
     (["--ema"], ["--ema", "kept no moving average", "ema_decay"]),
+    (["--decode_devices=-1"], ["--decode_devices=-1", ">= 1"]),
+    (["--decode_devices=64"], ["--decode_devices=64", "has 1 cpu device"]),
 ])
 def test_evaluate_usage_errors(workdir, no_loading, capsys, args, needles):
   if not any(a.startswith("--workdir") for a in args):
@@ -150,6 +152,7 @@ def test_evaluate_prints_scores_when_writing_fails(workdir, tmp_path, capsys,
     (["--alpha=-1"], ["--alpha=-1"]),
     (["--decoding=sample", "--temperature=0"], ["--temperature=0"]),
     (["--input=/nonexistent/in.txt"], ["--input=/nonexistent/in.txt"]),
+    (["--decode_devices=64"], ["--decode_devices=64", "has 1 cpu device"]),
 ])
 def test_translate_usage_errors(workdir, no_loading, args, needles):
   if not any(a.startswith("--workdir") for a in args):

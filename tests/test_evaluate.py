@@ -181,6 +181,43 @@ def test_decode_ids_keeps_the_input_order(workdir):
   assert all(len(out) <= len(x) - 1 + 4 for out, x in zip(forward, ids))
 
 
+def test_decode_ids_spreads_batches_over_devices(monkeypatch):
+  """Several devices: each batch decoded once, by one of the threads, the
+  outputs in the input order; a batch's error reaches the caller. (A stand-in
+  search echoes the source, so nothing compiles; the real search on two
+  devices is in test_translate.py.)"""
+  import threading
+  seen = []
+
+  def echo(model_config, params, src, options, batch_index):
+    assert jax.tree.leaves(params)[0].devices() == {jax.devices()[0]}
+    seen.append((batch_index, threading.get_ident()))
+    return np.asarray(src)
+  monkeypatch.setattr(translation, "decode_batch", echo)
+  rng = np.random.default_rng(0)
+  ids = [np.append(rng.integers(3, 50, n), 1).astype(np.int32)
+         for n in rng.integers(1, 30, 37)]
+  options = translation.DecodeOptions(method="greedy", batch_size=4)
+  config = TransformerConfig.preset("tiny", vocab_size=64)
+  params = {"w": jnp.ones(3)}
+  expected = [list(x[:-1]) for x in ids]
+  assert translation.decode_ids(config, params, ids, options) == expected
+  seen.clear()
+  two = translation.decode_ids(config, params, ids, options,
+                               devices=[jax.devices()[0]] * 2)
+  assert two == expected
+  assert sorted(i for i, _ in seen) == list(range(10))   # 37 / 4: 10 batches
+
+  def fail_third(model_config, params, src, options, batch_index):
+    if batch_index == 2:
+      raise RuntimeError("batch 2 failed")
+    return np.asarray(src)
+  monkeypatch.setattr(translation, "decode_batch", fail_third)
+  with pytest.raises(RuntimeError, match="batch 2 failed"):
+    translation.decode_ids(config, params, ids, options,
+                           devices=[jax.devices()[0]] * 2)
+
+
 def test_validation_bleu_hook(workdir):
   path, model_config, saved = workdir
   tok = tokenizer_lib.load(tokenizer_lib.model_path(path))

@@ -48,6 +48,24 @@ def test_same_order_and_empty_lines(workdir):
   assert all(got[i] for i in (0, 2, 4, 5))
 
 
+def test_two_cpu_devices_translate_like_one(workdir):
+  """--decode_devices=2 (a child process: JAX's device count is fixed when
+  its backend starts) gives this process' one-device translations."""
+  lines = SHORT + [LONG]      # 7 lines, batches of 4: both devices get one
+  proc = subprocess.run(
+      [sys.executable, "-m", "train.translate", f"--workdir={workdir}",
+       "--decode_devices=2", *FAST], input=("\n".join(lines) + "\n").encode(),
+      capture_output=True, check=False)
+  assert proc.returncode == 0, proc.stderr.decode()
+  loaded = inference.load(workdir)
+  expected, _, _ = translation.translate_texts(
+      loaded.model_config, loaded.params, loaded.tokenizer, lines,
+      translation.DecodeOptions(method="greedy", max_extra_len=4,
+                                batch_size=4),
+      max_src_tokens=loaded.experiment_config.data.max_len)
+  assert proc.stdout.decode().splitlines() == expected
+
+
 def test_long_line_truncated_with_warning(workdir):
   lines = [SHORT[0], LONG, SHORT[3]]
   code, out, err = _run([f"--workdir={workdir}", "--max_input_tokens=12",

@@ -163,8 +163,10 @@ def evenly_spaced(n: int, k: int) -> list[int]:
 def run(workdir, *, split="test", input_file=None, reference_file=None,
         checkpoint="latest", average_last=0, ema=False,
         options=DecodeOptions(),
-        output_dir=None, max_sentences=0) -> dict[str, Any]:
+        output_dir=None, max_sentences=0, devices=None) -> dict[str, Any]:
   """Decodes and scores; returns (and writes) the result record.
+
+  devices: where the batches are decoded (``translation.decode_ids``).
 
   Inputs, the split and the output directory are checked first
   (cli.UsageError); an OSError writing the outputs leaves the scores in the
@@ -187,7 +189,8 @@ def run(workdir, *, split="test", input_file=None, reference_file=None,
   max_src_tokens = loaded.experiment_config.get("data", {}).get("max_len")
   hypotheses, _, _ = translate_texts(loaded.model_config, loaded.params,
                                      loaded.tokenizer, sources, options,
-                                     max_src_tokens=max_src_tokens)
+                                     max_src_tokens=max_src_tokens,
+                                     devices=devices)
   tag = inference.checkpoint_tag(loaded.steps, loaded.ema)
   stem = f"{what}.{tag}.{options.tag()}"
   record: dict[str, Any] = {
@@ -220,10 +223,12 @@ def main(argv: Sequence[str]) -> int:
   if f.max_sentences < 0:
     raise cli.UsageError(f"--max_sentences={f.max_sentences}: use a count "
                          ">= 0 (0: all)")
+  devices = cli.decoding_devices(f.decode_devices)
   record = run(workdir, split=f.split, input_file=f.input,
                reference_file=f.reference, checkpoint=checkpoint,
                average_last=average_last, ema=ema, options=options,
-               output_dir=f.output_dir, max_sentences=f.max_sentences)
+               output_dir=f.output_dir, max_sentences=f.max_sentences,
+               devices=devices)
   if "hypotheses_file" in record:
     print(f"hypotheses: {record['hypotheses_file']}")
   if "bleu" in record:

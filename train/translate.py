@@ -80,6 +80,7 @@ def run(argv: Sequence[str], stdin: BinaryIO, stdout: TextIO,
     if f.max_input_tokens is not None and f.max_input_tokens < 2:
       raise cli.UsageError(f"--max_input_tokens={f.max_input_tokens}: use at "
                            "least 2 (one token and eos)")
+    devices = cli.decoding_devices(f.decode_devices)
   except cli.UsageError as e:
     print(f"error: {e}", file=stderr)
     return cli.USAGE_EXIT
@@ -118,7 +119,8 @@ def run(argv: Sequence[str], stdin: BinaryIO, stdout: TextIO,
       cfg, loaded.params, tok, lines, options, max_tokens,
       on_truncate=lambda i, n: _warn(
           stderr, f"line {i + 1}: {n} tokens (eos included), truncated to "
-          f"{min(max_tokens, cfg.max_len)} (--max_input_tokens)"))
+          f"{min(max_tokens, cfg.max_len)} (--max_input_tokens)"),
+      devices=devices)
   for text in translations:
     stdout.write(text + "\n")
   stdout.flush()

@@ -6,14 +6,19 @@
 
 Sources are sorted by length and cut into batches padded to a few length
 buckets (``make_batches``), so a whole split compiles the search a handful of
-times; outputs come back in the input order. Used by train.evaluate,
-train.translate, the trainer's validation BLEU and the benchmarks.
+times; outputs come back in the input order. With several ``devices`` the
+batches are spread over them, one host thread each (``decode_ids``). Used by
+train.evaluate, train.translate, the trainer's validation BLEU and the
+benchmarks.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
+import queue
+import threading
 from typing import Callable, Sequence
 
 import jax
@@ -131,19 +136,59 @@ def make_batches(sources: Sequence[np.ndarray], batch_size: int,
 
 
 def decode_ids(model_config: TransformerConfig, params,
-               sources: Sequence[np.ndarray], options: DecodeOptions
+               sources: Sequence[np.ndarray], options: DecodeOptions,
+               devices: Sequence[jax.Device] | None = None
                ) -> list[list[int]]:
   """Token ids of each source (ending with eos) -> output ids (no eos), in order.
 
   Decodes in length-bucketed batches (``make_batches``). Every source must
   fit the model (``len <= model_config.max_len``): truncate beforehand.
+
+  devices: with more than one, the params are copied to each and one host
+  thread per device takes the next batch (longest first) until none is left.
+  A search runs many small ops one after another, which one device cannot
+  spread over a CPU's cores; two CPU devices (``jax_num_cpu_devices``) each
+  running its own batch keep both cores busy. The outputs do not depend on
+  the devices or on which device decoded which batch.
   """
   outputs: list[list[int]] = [[] for _ in sources]
   batches = make_batches(sources, options.batch_size, model_config.max_len)
-  for batch_index, (chunk, src) in enumerate(batches):
-    tokens = decode_batch(model_config, params, src, options, batch_index)
+
+  def decode(replica, batch_index):
+    chunk, src = batches[batch_index]
+    tokens = decode_batch(model_config, replica, src, options, batch_index)
     for i, ids in zip(chunk, decoding.strip_special(tokens)):
       outputs[i] = ids
+
+  devices = list(devices or ())
+  if len(devices) <= 1:
+    for batch_index in range(len(batches)):
+      decode(params, batch_index)
+    return outputs
+  todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+  for batch_index in range(len(batches)):
+    todo.put(batch_index)
+
+  failed = threading.Event()
+
+  def worker(device):
+    replica = jax.device_put(params, device)
+    while not failed.is_set():
+      try:
+        batch_index = todo.get_nowait()
+      except queue.Empty:
+        return
+      try:
+        decode(replica, batch_index)
+      except BaseException:
+        failed.set()   # the other threads stop after their current batch
+        raise
+
+  # A plain thread pool rather than an SPMD program over a mesh: each batch
+  # stops when its own rows end, not in step with the other device's.
+  with concurrent.futures.ThreadPoolExecutor(len(devices)) as pool:
+    for done in [pool.submit(worker, device) for device in devices]:
+      done.result()   # re-raises a worker's error
   return outputs
 
 
@@ -177,19 +222,20 @@ def encode_sources(tok: tokenizer_lib.Tokenizer, texts: Sequence[str],
 def translate_texts(model_config: TransformerConfig, params,
                     tok: tokenizer_lib.Tokenizer, texts: Sequence[str],
                     options: DecodeOptions, max_src_tokens: int | None = None,
-                    on_truncate: Callable[[int, int], None] | None = None
+                    on_truncate: Callable[[int, int], None] | None = None,
+                    devices: Sequence[jax.Device] | None = None
                     ) -> tuple[list[str], list[np.ndarray], list[list[int]]]:
   """Sentences -> (translations, source ids, output ids).
 
   translations: one per text, same order; an empty text gives "". The id
   lists hold the non-empty texts only (see ``encode_sources``; output ids
   without eos). Sources longer than max_src_tokens (default and cap: the
-  model's max_len) are truncated.
+  model's max_len) are truncated. devices: see ``decode_ids``.
   """
   max_src_tokens = min(max_src_tokens or model_config.max_len,
                        model_config.max_len)
   keep, ids = encode_sources(tok, texts, max_src_tokens, on_truncate)
-  outputs = decode_ids(model_config, params, ids, options)
+  outputs = decode_ids(model_config, params, ids, options, devices)
   out = [""] * len(texts)
   for i, hypothesis in zip(keep, tok.decode_batch(outputs)):
     out[i] = hypothesis
