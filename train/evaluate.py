@@ -215,6 +215,8 @@ def run(workdir, *, split="test", input_file=None, reference_file=None,
 
 def main(argv: Sequence[str]) -> int:
   f = cli.parse_flags(_define_flags, argv, __doc__)
+  # First: reading the run's config through Orbax starts JAX's backend.
+  devices = cli.decoding_devices(f.decode_devices)
   workdir, checkpoint, average_last, ema = cli.model_choice(f)
   options = cli.decode_options(f)
   if f.reference and not f.input:
@@ -223,7 +225,6 @@ def main(argv: Sequence[str]) -> int:
   if f.max_sentences < 0:
     raise cli.UsageError(f"--max_sentences={f.max_sentences}: use a count "
                          ">= 0 (0: all)")
-  devices = cli.decoding_devices(f.decode_devices)
   record = run(workdir, split=f.split, input_file=f.input,
                reference_file=f.reference, checkpoint=checkpoint,
                average_last=average_last, ema=ema, options=options,

@@ -75,12 +75,13 @@ def run(argv: Sequence[str], stdin: BinaryIO, stdout: TextIO,
   """The whole program on explicit streams; returns the exit status."""
   try:
     f = cli.parse_flags(_define_flags, argv, __doc__)
+    # First: reading the run's config through Orbax starts JAX's backend.
+    devices = cli.decoding_devices(f.decode_devices)
     choice = cli.model_choice(f)
     options = cli.decode_options(f)
     if f.max_input_tokens is not None and f.max_input_tokens < 2:
       raise cli.UsageError(f"--max_input_tokens={f.max_input_tokens}: use at "
                            "least 2 (one token and eos)")
-    devices = cli.decoding_devices(f.decode_devices)
   except cli.UsageError as e:
     print(f"error: {e}", file=stderr)
     return cli.USAGE_EXIT
