@@ -26,6 +26,17 @@ def median_seconds(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> 
   return statistics.median(times)
 
 
+def device_counts(parser, text: str) -> list[int]:
+  """A --devices value ("1,2") as counts; parser.error (exit 2) if malformed."""
+  try:
+    counts = [int(n) for n in text.split(",")]
+  except ValueError:
+    parser.error(f"--devices={text}: comma-separated counts, e.g. 1,2")
+  if min(counts) < 1:
+    parser.error(f"--devices: counts >= 1, got {counts}")
+  return counts
+
+
 def machine() -> dict[str, Any]:
   return {
       "platform": jax.devices()[0].platform,

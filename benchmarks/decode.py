@@ -45,7 +45,7 @@ import time
 import jax
 import numpy as np
 
-from benchmarks.common import emit, machine, table
+from benchmarks.common import device_counts, emit, machine, table
 from model import TransformerConfig, decoding, init_params
 from train import inference
 from train.translation import DecodeOptions, decode_ids, make_batches, truncate
@@ -122,7 +122,7 @@ def compare_ctranslate2(loaded, ids, references, args) -> None:
   batches = make_batches(ids, args.batch_size, config.max_len)
   export_dir = export.export_ctranslate2(loaded, tempfile.mkdtemp())
   cores = os.cpu_count() or 1
-  workers = [n for n in args.devices if n > 1][:1]   # the parallel setting
+  workers = [n for n in args.devices if n > 1]   # the parallel settings
   translators = {(kind, 1): ctranslate2.Translator(
       str(export_dir), compute_type=kind, intra_threads=cores, inter_threads=1)
                  for kind in ("float32", "int8")}
@@ -245,12 +245,7 @@ def main():
                            "this project's search on (and CTranslate2 "
                            "worker counts)")
   args = parser.parse_args()
-  try:
-    args.devices = [int(n) for n in args.devices.split(",")]
-  except ValueError:
-    parser.error(f"--devices={args.devices}: comma-separated counts, e.g. 1,2")
-  if min(args.devices) < 1:
-    parser.error(f"--devices: counts >= 1, got {args.devices}")
+  args.devices = device_counts(parser, args.devices)
   if args.ctranslate2 and max(args.devices) > 1:  # before JAX's backend starts
     jax.config.update("jax_num_cpu_devices", max(args.devices))
 

@@ -320,10 +320,12 @@ def main():
   if args.one:  # child process: one configuration, one JSON line
     print(json.dumps(run_one(**json.loads(args.one))), flush=True)
     return
+  from benchmarks.common import device_counts  # pylint: disable=import-outside-toplevel
+  devices = device_counts(parser, args.devices)
   run(args.presets.split(","), [int(x) for x in args.max_lens.split(",")],
       args.tokens_per_step, args.steps, args.dtype, args.prng,
       args.peak_gflops, json.loads(args.model),
-      devices=[int(x) for x in args.devices.split(",")])
+      devices=devices)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,18 @@ SHORT = ["Luz.", "Y dijo Dios.", "la tierra y la luz", "Noche.", "Y fué.",
 LONG = "Y llamó Dios á la luz Día, y á las tinieblas llamó Noche."
 
 
+def _translated_here(workdir, lines):
+  """The translations of FAST's settings, computed in this process (one
+  device) through the library rather than the command."""
+  loaded = inference.load(workdir)
+  expected, _, _ = translation.translate_texts(
+      loaded.model_config, loaded.params, loaded.tokenizer, lines,
+      translation.DecodeOptions(method="greedy", max_extra_len=4,
+                                batch_size=4),
+      max_src_tokens=loaded.experiment_config.data.max_len)
+  return expected
+
+
 def _run(args, stdin: bytes):
   out, err = io.StringIO(), io.StringIO()
   code = translate.run(["translate", *args], io.BytesIO(stdin), out, err)
@@ -37,13 +49,7 @@ def test_same_order_and_empty_lines(workdir):
   assert code == 0, err
   got = out.split("\n")
   assert got[-1] == "" and len(got) == len(lines) + 1
-  loaded = inference.load(workdir)
-  expected, _, _ = translation.translate_texts(
-      loaded.model_config, loaded.params, loaded.tokenizer, lines,
-      translation.DecodeOptions(method="greedy", max_extra_len=4,
-                                batch_size=4),
-      max_src_tokens=loaded.experiment_config.data.max_len)
-  assert got[:-1] == expected
+  assert got[:-1] == _translated_here(workdir, lines)
   assert got[1] == "" and got[3] == ""
   assert all(got[i] for i in (0, 2, 4, 5))
 
@@ -57,13 +63,7 @@ def test_two_cpu_devices_translate_like_one(workdir):
        "--decode_devices=2", *FAST], input=("\n".join(lines) + "\n").encode(),
       capture_output=True, check=False)
   assert proc.returncode == 0, proc.stderr.decode()
-  loaded = inference.load(workdir)
-  expected, _, _ = translation.translate_texts(
-      loaded.model_config, loaded.params, loaded.tokenizer, lines,
-      translation.DecodeOptions(method="greedy", max_extra_len=4,
-                                batch_size=4),
-      max_src_tokens=loaded.experiment_config.data.max_len)
-  assert proc.stdout.decode().splitlines() == expected
+  assert proc.stdout.decode().splitlines() == _translated_here(workdir, lines)
 
 
 def test_long_line_truncated_with_warning(workdir):
