@@ -2,7 +2,7 @@
 
     python -m benchmarks.decode [--workdir=<trained run>] [--num_verses=1063]
         [--batch_size=64] [--recompute_verses=64] [--repeats=3]
-        [--methods=greedy,greedy_one_loop,beam4,beam4_one_loop]
+        [--methods=greedy,greedy_all_rows,greedy_one_loop,beam4,beam4_all_rows,beam4_one_loop]
     python -m benchmarks.decode --workdir=<trained run> --ctranslate2 [--repeats=3]
         [--devices=1,2]
 
@@ -25,9 +25,12 @@ its length limit of source + 50 tokens: a worst case). Without a workdir the
 verses are tokenised with --tokenizer (a SentencePiece model) if given, else
 replaced by synthetic sources of the same length distribution (noted).
 Each method decodes every batch once untimed (compiling each cache length
-it reaches), then --repeats times; the table gives medians. ``*_one_loop`` is
-the same search in one loop over a cache of the batch's whole limit (the
-form before caches grew to the filled length): same tokens, side by side.
+and batch size it reaches), then each of --repeats repetitions times every method once, in
+turn; the table gives medians. ``*_all_rows`` is the same search keeping the
+rows that have ended in the batch to its end (no compaction between
+segments), ``*_one_loop`` the same search in one loop over a cache of the
+batch's whole limit (the form before caches grew to the filled length):
+same tokens, side by side.
 The cache ratio compares greedy search with the KV cache against greedy
 search recomputing the decoder over the whole prefix at every step, on the
 first --recompute_verses verses (same batches, same tokens).
@@ -39,6 +42,7 @@ CPU machine (beam 4 >= 150 verses/s, greedy >= 500 verses/s, cache >= 5x).
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -195,6 +199,28 @@ def compare_ctranslate2(loaded, ids, references, args) -> None:
                      "output_tokens_per_s", "speed_vs_ct2_float32", "bleu"]))
 
 
+def _time_alternating(fns, batches, repeats: int):
+  """{name: (median seconds, output tokens)} of each fn(src) over batches.
+
+  Every fn decodes every batch once untimed (compiling), then each
+  repetition times every fn once, in turn: on a shared machine, methods
+  compared in one run see the same load.
+  """
+  times = {name: [] for name in fns}
+  tokens = {}
+  for repeat in range(repeats + 1):
+    for name, fn in fns.items():
+      start, count = time.perf_counter(), 0
+      for _, src in batches:
+        out = np.asarray(fn(src))
+        count += int(sum(len(x) + 1 for x in decoding.strip_special(out)))
+      if repeat:  # the first pass compiles
+        times[name].append(time.perf_counter() - start)
+      tokens[name] = count
+  return {name: (statistics.median(times[name]), tokens[name])
+          for name in fns}
+
+
 def _time_batches(fn, batches, repeats: int = 1):
   """(median seconds, output tokens) of fn(src) over batches.
 
@@ -213,14 +239,20 @@ def _time_batches(fn, batches, repeats: int = 1):
 
 
 # The searches timed, by --methods name: the default, over caches that grow
-# to the filled length, and the one-loop form over a cache of the batch's
-# whole limit (the previous implementation, same tokens), side by side.
+# to the filled length and dropping ended rows between segments; the same
+# keeping every row to the end (``*_all_rows``); and the one-loop form over a
+# cache of the batch's whole limit (the implementation before both, same
+# tokens), side by side.
 SEARCHES = {
     "greedy": lambda c, p, src: decoding.greedy_search(c, p, src),
+    "greedy_all_rows": lambda c, p, src: decoding.greedy_search(
+        c, p, src, compact_rows=False),
     "greedy_one_loop": lambda c, p, src: decoding.greedy_search(
         c, p, src, grow_cache=False),
     "beam4": lambda c, p, src: decoding.beam_search(
         c, p, src, beam_size=4, alpha=0.6).sequences[:, 0],
+    "beam4_all_rows": lambda c, p, src: decoding.beam_search(
+        c, p, src, beam_size=4, alpha=0.6, compact_rows=False).sequences[:, 0],
     "beam4_one_loop": lambda c, p, src: decoding.beam_search(
         c, p, src, beam_size=4, alpha=0.6, grow_cache=False).sequences[:, 0],
 }
@@ -279,11 +311,11 @@ def main():
   if unknown:
     parser.error(f"--methods: unknown {sorted(unknown)}; choose from "
                  f"{list(SEARCHES)}")
+  timed = _time_alternating(
+      {name: functools.partial(SEARCHES[name], config, params)
+       for name in methods}, batches, args.repeats)
   for name in methods:
-    search = SEARCHES[name]
-    s, t = _time_batches(lambda src: search(config, params, src), batches,
-                         args.repeats)
-    record(name, len(ids), s, t, goal=GOALS[name.split("_")[0]],
+    record(name, len(ids), *timed[name], goal=GOALS[name.split("_")[0]],
            repeats=args.repeats)
   if args.recompute_verses > 0:
     subset = make_batches(ids[:args.recompute_verses], args.batch_size,

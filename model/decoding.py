@@ -9,7 +9,13 @@ attends over (and beam search reorders) the positions that exist, not the
 batch's whole limit; a batch stops at the step its last row ends, and no
 later segment is launched. ``grow_cache=False`` runs one segment over the
 whole limit: the same tokens, in one loop that an outer ``jax.jit`` can
-trace (the default reads "all rows ended?" on the host between segments).
+trace (the default reads each row's "ended?" on the host between segments).
+Between segments, greedy and beam search also drop the rows (sentences)
+whose search has ended once at most half are still decoding
+(``compacted_rows``; ``compact_rows=False`` keeps them): the long tail of a
+batch then runs at a half or a quarter of its rows. The tokens are those of
+the whole batch as long as a matmul's rows do not depend on how many rows
+it has (measured identical on this CPU; other kernels may round differently).
 
 Conventions shared by all searches:
   * ``src``: int32 [batch, src_len], padded with PAD_ID. A row's source length
@@ -29,7 +35,7 @@ Conventions shared by all searches:
 
 Public functions: ``greedy_search``, ``beam_search``, ``sample``,
 ``filter_logits``, ``sample_token``, ``length_penalty``, ``decode_limits``,
-``cache_lengths``.
+``cache_lengths``, ``compacted_rows``.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from model.config import EOS_ID, PAD_ID, TransformerConfig
@@ -112,26 +119,108 @@ def _cache_len(cache) -> int:
                                    ["self_attention"])[0].shape[2]
 
 
-def _run_segments(start, segment, done, max_decode_len: int, grow: bool):
+# Between segments, rows whose search has ended are dropped once at most
+# half the rows are still decoding: the batch shrinks by halves while it
+# stays >= a quarter of its first size (rounded up), so a search compiles at
+# most three batch sizes per cache length (each size is its own program).
+# Only in a single process: a multi-host search's row flags and outputs
+# stay where they are (its scalar "all ended?" is all the host reads).
+_MIN_ROWS_DIVISOR = 4
+
+
+def compacted_rows(alive: int, rows: int, first_rows: int) -> int:
+  """The batch size the next segment runs at: ``rows`` halved while the
+  ``alive`` rows still fit and the size stays >= first_rows / 4."""
+  least = max(1, -(-first_rows // _MIN_ROWS_DIVISOR))
+  while rows // 2 >= max(alive, 1) and rows // 2 >= least:
+    rows //= 2
+  return rows
+
+
+@functools.partial(jax.jit, static_argnames=("beam_size",))
+def _take_rows(state, src, keep, *, beam_size: int):
+  """The state and src of the sentences ``keep`` (int32 [n], in order).
+
+  Leaves lead with the sentences ([batch, ...]) or with their beams
+  ([batch * beam_size, ...], row-major); the scalar step is shared.
+  """
+  batch = src.shape[0]
+  flat = (keep[:, None] * beam_size + jnp.arange(beam_size)).reshape(-1)
+
+  def take(x):
+    if x.ndim == 0:
+      return x
+    if x.shape[0] == batch:
+      return x[keep]
+    if x.shape[0] == batch * beam_size:
+      return x[flat]
+    raise ValueError(f"a search state leaf of shape {x.shape} leads with "
+                     f"neither {batch} sentences nor their beams")
+  return jax.tree_util.tree_map(take, state), src[keep]
+
+
+def _put_rows(full, part, rows, batch: int):
+  """Host copies: full (dict of numpy [batch, ...], or None) with its rows
+  ``rows`` set from part (arrays [len(rows), ...])."""
+  part = {k: np.asarray(x) for k, x in part.items()}
+  if full is None:
+    full = {k: np.zeros((batch,) + x.shape[1:], x.dtype)
+            for k, x in part.items()}
+  for k, x in part.items():
+    full[k][rows] = x
+  return full
+
+
+def _run_segments(start, segment, rows_done, src, outputs,
+                  max_decode_len: int, grow: bool, compact: bool,
+                  beam_size: int = 1):
   """Runs a search segment by segment over growing caches.
 
-  start(cache_len) -> state (with a ``cache``); segment(state) -> state, the
-  steps its cache has room for, or fewer if every row ends; done(state) ->
-  bool array: every row has ended. Between segments the host reads done (one
-  sync a segment) and grows the caches.
+  start(cache_len) -> state (with a ``cache``); segment(state, src) ->
+  state, the steps its cache has room for, or fewer if every row ends;
+  rows_done(state) -> bool [rows]: the rows whose search has ended (their
+  state no longer changes). Between segments the host reads rows_done (one
+  sync a segment), grows the caches and, with ``compact``, drops ended rows
+  (``compacted_rows``): a step then costs the rows still decoding, not the
+  batch. Returns {name: state[name] for name in outputs}, each [batch, ...]
+  in src's row order. Where rows were dropped, each row's last state is
+  gathered on the host (where a multi-host search's replicated outputs are
+  read anyway) and the result is a new array on the default device.
   """
   lengths = cache_lengths(max_decode_len, grow)
-  state = segment(start(lengths[0]))
+  state = segment(start(lengths[0]), src)
+  batch = src.shape[0]
+  rows = np.arange(batch)   # the src row of each row of state
+  full = None               # outputs of rows dropped so far
   for length in lengths[1:]:
-    finished = done(state)
-    if isinstance(finished, jax.core.Tracer):
+    done = rows_done(state)
+    if isinstance(done, jax.core.Tracer):
       raise ValueError("a search over growing caches decides between its "
                        "segments on the host; under jax.jit pass "
                        "grow_cache=False")
-    if bool(finished):
-      break
-    state = segment(dict(state, cache=_grow_cache(state["cache"], length)))
-  return state
+    if not (compact and jax.process_count() == 1):
+      if bool(jnp.all(done)):
+        break
+    else:
+      done = np.asarray(done)
+      if done.all():
+        break
+      alive = int((~done).sum())
+      size = compacted_rows(alive, len(rows), batch)
+      if size < len(rows):
+        full = _put_rows(full, {k: state[k] for k in outputs}, rows, batch)
+        ended = np.flatnonzero(done)[:size - alive]  # padding, if any
+        keep = np.sort(np.concatenate([np.flatnonzero(~done), ended]))
+        state, src = _take_rows(state, src, keep.astype(np.int32),
+                                beam_size=beam_size)
+        rows = rows[keep]
+    state = segment(dict(state, cache=_grow_cache(state["cache"], length)),
+                    src)
+  last = {k: state[k] for k in outputs}
+  if full is None:
+    return last
+  return {k: jnp.asarray(x) for k, x in _put_rows(full, last, rows,
+                                                   batch).items()}
 
 
 def length_penalty(length, alpha: float):
@@ -309,19 +398,19 @@ def _one_hypothesis_segment(config, params, src, state, knobs, *,
 
 def _one_hypothesis_loop(config, params, src, choose: Callable, knobs,
                          max_extra_len: int, use_cache: bool,
-                         grow_cache: bool):
+                         grow_cache: bool, compact_rows: bool):
   """Token-by-token decoding: int32 [batch, max_decode_len]."""
   max_decode_len = _max_decode_len(config, src, max_extra_len)
-  state = _run_segments(
+  out = _run_segments(
       lambda cache_len: _one_hypothesis_start(
           config, params, src, cache_len=cache_len,
           max_extra_len=max_extra_len, use_cache=use_cache),
-      lambda state: _one_hypothesis_segment(
+      lambda state, src: _one_hypothesis_segment(
           config, params, src, state, knobs, choose=choose,
           use_cache=use_cache),
-      lambda state: jnp.all(state["finished"]),
-      max_decode_len, grow_cache and use_cache)
-  return state["seqs"][:, 1:]
+      lambda state: state["finished"], src, ("seqs",),
+      max_decode_len, grow_cache and use_cache, compact_rows)
+  return out["seqs"][:, 1:]
 
 
 def _argmax(logits, step, knobs):
@@ -337,16 +426,19 @@ def _draw(logits, step, knobs):
 
 def greedy_search(config: TransformerConfig, params, src, *,
                   max_extra_len: int = 50, use_cache: bool = True,
-                  grow_cache: bool = True):
+                  grow_cache: bool = True, compact_rows: bool = True):
   """Argmax decoding: int32 [batch, max_decode_len] (see module docstring).
 
   use_cache=False recomputes the decoder over the whole prefix at each step
   (same tokens, much slower): the reference the cache is measured against.
   grow_cache=False: one loop over a cache of the whole limit (jittable).
+  compact_rows=False keeps ended rows in the batch to the end (the same
+  tokens, see the module docstring and ``compacted_rows``).
   """
   src = jnp.asarray(src, jnp.int32)
   return _one_hypothesis_loop(config, params, src, _argmax, None,
-                              max_extra_len, use_cache, grow_cache)
+                              max_extra_len, use_cache, grow_cache,
+                              compact_rows)
 
 
 def sample(config: TransformerConfig, params, src, rng, *,
@@ -357,13 +449,16 @@ def sample(config: TransformerConfig, params, src, rng, *,
   rng: a jax.random key; the same key gives the same output. Step i draws
   with ``fold_in(rng, i)``. Returns int32 [batch, max_decode_len] (see the
   module docstring). grow_cache=False: one loop over a cache of the whole
-  limit (jittable).
+  limit (jittable). The batch keeps its ended rows to the end: each step
+  draws for the whole batch at once, so dropping rows would change the
+  draws of the others.
   """
   _check_knobs(temperature, top_k, top_p)
   knobs = (rng, jnp.float32(temperature), jnp.int32(top_k),
            jnp.float32(top_p))
   return _one_hypothesis_loop(config, params, jnp.asarray(src, jnp.int32),
-                              _draw, knobs, max_extra_len, True, grow_cache)
+                              _draw, knobs, max_extra_len, True, grow_cache,
+                              compact_rows=False)
 
 
 # --------------------------------------------------------------------------
@@ -499,7 +594,8 @@ def _beam_segment(config, params, src, state, alpha, *, beam_size: int):
 
 def beam_search(config: TransformerConfig, params, src, *, beam_size: int = 4,
                 alpha: float = 0.6, max_extra_len: int = 50,
-                grow_cache: bool = True) -> BeamSearchResult:
+                grow_cache: bool = True,
+                compact_rows: bool = True) -> BeamSearchResult:
   """Beam search with the GNMT length penalty (the paper: beam 4, alpha 0.6).
 
   Each row keeps a beam of ``beam_size`` hypotheses. At each step every
@@ -512,7 +608,9 @@ def beam_search(config: TransformerConfig, params, src, *, beam_size: int = 4,
   The answer is the finished hypothesis of highest score. With beam 1 this is
   exactly greedy search; with a beam wider than the set of all sequences it
   is an exhaustive search. grow_cache=False: one loop over a cache of the
-  whole limit (jittable).
+  whole limit (jittable). compact_rows=False keeps the sentences that have
+  ended in the batch to the end (the same result, see the module docstring
+  and ``compacted_rows``).
 
   Returns sequences [batch, beam, max_decode_len] and their scores
   [batch, beam], best first (the first is the translation). Slots of rows
@@ -522,17 +620,19 @@ def beam_search(config: TransformerConfig, params, src, *, beam_size: int = 4,
     raise ValueError(f"beam_size must be >= 1, got {beam_size}")
   src = jnp.asarray(src, jnp.int32)
   max_decode_len = _max_decode_len(config, src, max_extra_len)
-  state = _run_segments(
+  out = _run_segments(
       lambda cache_len: _beam_start(config, params, src, beam_size=beam_size,
                                     cache_len=cache_len,
                                     max_extra_len=max_extra_len),
-      lambda state: _beam_segment(config, params, src, state,
-                                  jnp.float32(alpha), beam_size=beam_size),
-      lambda state: jnp.all(_rows_done(state, beam_size)),
-      max_decode_len, grow_cache)
+      lambda state, src: _beam_segment(config, params, src, state,
+                                       jnp.float32(alpha),
+                                       beam_size=beam_size),
+      lambda state: _rows_done(state, beam_size), src,
+      ("finished_seqs", "finished_scores"), max_decode_len, grow_cache,
+      compact_rows, beam_size)
   # Every row has at least one finished hypothesis: the limit forces eos.
-  return BeamSearchResult(state["finished_seqs"][:, :, 1:],
-                          state["finished_scores"])
+  return BeamSearchResult(out["finished_seqs"][:, :, 1:],
+                          out["finished_scores"])
 
 
 def strip_special(tokens) -> list[list[int]]:

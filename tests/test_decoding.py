@@ -307,3 +307,62 @@ def test_growing_caches_under_jit_ask_for_one_loop(params, src):
   np.testing.assert_array_equal(
       np.asarray(jitted),
       np.asarray(decoding.greedy_search(CONFIG, params, src, max_extra_len=30)))
+
+
+def test_compacted_rows_halve_while_the_alive_rows_fit():
+  # (alive, rows now, first rows) -> rows of the next segment, by hand:
+  # halve while alive <= half, never below a quarter of the first size.
+  assert decoding.compacted_rows(40, 64, 64) == 64
+  assert decoding.compacted_rows(32, 64, 64) == 32
+  assert decoding.compacted_rows(17, 64, 64) == 32
+  assert decoding.compacted_rows(16, 64, 64) == 16
+  assert decoding.compacted_rows(3, 64, 64) == 16
+  assert decoding.compacted_rows(3, 16, 64) == 16
+  assert decoding.compacted_rows(2, 8, 8) == 2
+  assert decoding.compacted_rows(0, 5, 5) == 2
+  assert decoding.compacted_rows(1, 1, 1) == 1
+
+
+def test_dropping_ended_rows_gives_the_tokens_of_the_whole_batch(
+    params, monkeypatch):
+  # Limits (source length + 10): five short rows 13, two middle ones 30,
+  # one long one 40, so segments of 16, 32 and 40 positions. After the first
+  # the 3 rows still decoding run as a batch of 4 (with the first ended row
+  # as padding), after the second the long row as a batch of 2. Every search
+  # must give what the whole batch gives, in the batch's row order.
+  rng = np.random.RandomState(3)
+  lengths = [3, 20, 3, 3, 20, 3, 30, 3]
+  src = np.full((8, 30), PAD_ID)
+  for row, length in enumerate(lengths):
+    src[row, :length] = rng.randint(2, CONFIG.vocab_size, size=length)
+  src = jnp.asarray(src, jnp.int32)
+  taken = []
+  take = decoding._take_rows
+  def counted(state, src, keep, **kw):
+    taken.append(np.asarray(keep).tolist())
+    return take(state, src, keep, **kw)
+  monkeypatch.setattr(decoding, "_take_rows", counted)
+  # Indices into the batch of the moment: rows 1, 4, 6 plus row 0; then
+  # that batch's rows 3 (the long row 6) and 0 (row 0 again, padding).
+  compactions = [[0, 1, 4, 6], [0, 3]]
+
+  greedy = decoding.greedy_search(CONFIG, params, src, max_extra_len=10)
+  assert taken == compactions
+  _check_well_formed(greedy, src, 10)
+  assert (np.asarray(greedy)[6] == EOS_ID).argmax() >= 32
+  np.testing.assert_array_equal(
+      np.asarray(greedy),
+      np.asarray(decoding.greedy_search(CONFIG, params, src, max_extra_len=10,
+                                        compact_rows=False)))
+  np.testing.assert_array_equal(
+      np.asarray(greedy),
+      np.asarray(decoding.greedy_search(CONFIG, params, src, max_extra_len=10,
+                                        use_cache=False)))
+  beams = [decoding.beam_search(CONFIG, params, src, beam_size=3,
+                                max_extra_len=10, compact_rows=compact)
+           for compact in (True, False)]
+  assert taken == compactions * 2
+  np.testing.assert_array_equal(np.asarray(beams[0].sequences),
+                                np.asarray(beams[1].sequences))
+  np.testing.assert_allclose(np.asarray(beams[0].scores),
+                             np.asarray(beams[1].scores), rtol=1e-6)

@@ -29,7 +29,8 @@ from model import EOS_ID, PAD_ID, TransformerConfig, decoding
 
 # Source lengths are padded up to one of these, so a whole split compiles the
 # decoder a handful of times only (per bucket, one compilation for each cache
-# length its batches reach: decoding.cache_lengths).
+# length its batches reach, decoding.cache_lengths, and each batch size the
+# search shrinks to there, at most three: decoding.compacted_rows).
 LENGTH_BUCKETS = (16, 32, 64, 128, 256)
 METHODS = ("beam", "greedy", "sample")
 
@@ -113,7 +114,7 @@ def make_batches(sources: Sequence[np.ndarray], batch_size: int,
   Sources are sorted by length (longest first) and cut into batches of
   ``batch_size`` rows, each padded to a length bucket, so similar lengths
   share a batch and few shapes get compiled. Every batch has the same number
-  of rows (a short last batch gets empty sentences), so one compilation per
+  of rows (a short last batch gets empty sentences), so few compilations per
   bucket. Every source must fit: ``len <= max_len``.
   """
   order = sorted(range(len(sources)), key=lambda i: -len(sources[i]))
