@@ -25,8 +25,8 @@ its length limit of source + 50 tokens: a worst case). Without a workdir the
 verses are tokenised with --tokenizer (a SentencePiece model) if given, else
 replaced by synthetic sources of the same length distribution (noted).
 Each method decodes every batch once untimed (compiling each cache length
-and batch size it reaches), then each of --repeats repetitions times every method once, in
-turn; the table gives medians. ``*_all_rows`` is the same search keeping the
+and batch size it reaches), then each of --repeats repetitions times every
+method once, in turn; the table gives medians. ``*_all_rows`` is the same search keeping the
 rows that have ended in the batch to its end (no compaction between
 segments), ``*_one_loop`` the same search in one loop over a cache of the
 batch's whole limit (the form before caches grew to the filled length):
@@ -52,6 +52,7 @@ import numpy as np
 from benchmarks.common import device_counts, emit, machine, table
 from model import TransformerConfig, decoding, init_params
 from train import inference
+from train.checkpointing import CheckpointNotFoundError
 from train.translation import DecodeOptions, decode_ids, make_batches, truncate
 
 GOALS = {"greedy": 500.0, "beam4": 150.0, "cache_speedup": 5.0}
@@ -221,23 +222,6 @@ def _time_alternating(fns, batches, repeats: int):
           for name in fns}
 
 
-def _time_batches(fn, batches, repeats: int = 1):
-  """(median seconds, output tokens) of fn(src) over batches.
-
-  Compilation is excluded: every batch is decoded once before timing (a
-  search over growing caches compiles each cache length it reaches).
-  """
-  times = []
-  for repeat in range(repeats + 1):
-    start, tokens = time.perf_counter(), 0
-    for _, src in batches:
-      out = np.asarray(fn(src))
-      tokens += int(sum(len(x) + 1 for x in decoding.strip_special(out)))
-    if repeat:  # the first pass compiles
-      times.append(time.perf_counter() - start)
-  return statistics.median(times), tokens
-
-
 # The searches timed, by --methods name: the default, over caches that grow
 # to the filled length and dropping ended rows between segments; the same
 # keeping every row to the end (``*_all_rows``); and the one-loop form over a
@@ -287,7 +271,10 @@ def main():
     parser.error("--ctranslate2 needs --workdir (a trained run)")
   notes: list[str] = []
   trained: dict = {}
-  ids, config, params = test_sources(args, notes, trained)
+  try:
+    ids, config, params = test_sources(args, notes, trained)
+  except CheckpointNotFoundError as e:  # a wrong --workdir: a usage error
+    parser.error(str(e))
   if args.ctranslate2:
     compare_ctranslate2(trained["loaded"], ids[:args.num_verses],
                         trained["references"][:args.num_verses], args)
@@ -321,11 +308,13 @@ def main():
     subset = make_batches(ids[:args.recompute_verses], args.batch_size,
                           config.max_len)
     n = sum(len(chunk) for chunk, _ in subset)
-    cached = record("greedy_cached_subset", n, *_time_batches(
-        lambda src: decoding.greedy_search(config, params, src), subset))
-    recomputed = record("greedy_recomputed_subset", n, *_time_batches(
-        lambda src: decoding.greedy_search(config, params, src,
-                                           use_cache=False), subset))
+    subset_timed = _time_alternating({
+        "cached": lambda src: decoding.greedy_search(config, params, src),
+        "recomputed": lambda src: decoding.greedy_search(
+            config, params, src, use_cache=False)}, subset, repeats=1)
+    cached = record("greedy_cached_subset", n, *subset_timed["cached"])
+    recomputed = record("greedy_recomputed_subset", n,
+                        *subset_timed["recomputed"])
     emit(dict(common, benchmark="decode", method="cache_speedup",
               ratio=round(recomputed["seconds"] / cached["seconds"], 2),
               goal=GOALS["cache_speedup"]))

@@ -192,13 +192,14 @@ def _run_segments(start, segment, rows_done, src, outputs,
   batch = src.shape[0]
   rows = np.arange(batch)   # the src row of each row of state
   full = None               # outputs of rows dropped so far
+  compact = compact and jax.process_count() == 1
   for length in lengths[1:]:
     done = rows_done(state)
     if isinstance(done, jax.core.Tracer):
       raise ValueError("a search over growing caches decides between its "
                        "segments on the host; under jax.jit pass "
                        "grow_cache=False")
-    if not (compact and jax.process_count() == 1):
+    if not compact:
       if bool(jnp.all(done)):
         break
     else:
