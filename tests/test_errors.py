@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 
 from test_evaluate import SOURCES, TARGETS, make_workdir  # tests/ is on sys.path
-from train import evaluate, inference, inspect as inspect_cli, translate
+from test_trainer import ENV as TRAIN_ENV  # the training children's XLA flags
+from train import choose, evaluate, inference, inspect as inspect_cli
+from train import translate
 from train import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -92,6 +94,25 @@ def test_evaluate_usage_errors(workdir, no_loading, capsys, args, needles):
   code, out, err = run_evaluate(args, capsys)
   assert_usage_error(code, err, *needles)
   assert out == ""
+
+
+@pytest.mark.parametrize("args, needles", [
+    ([], ["--workdir is required"]),
+    (["--workdir=/nonexistent/run"], ["/nonexistent/run"]),
+    (["--alphas=1.0,x"], ["--alphas=1.0,x", "numbers >= 0"]),
+    (["--alphas=-1"], ["--alpha=-1", ">= 0"]),
+    (["--beam_size=0"], ["--beam_size=0"]),
+    (["--max_sentences=-1"], ["--max_sentences=-1"]),
+    (["--split=bogus"], ["--split=bogus", "validation or test"]),
+    (["--test_split=bogus"], ["--test_split=bogus", "validation or test"]),
+])
+def test_choose_usage_errors(workdir, no_loading, capsys, args, needles):
+  if args and not args[0].startswith("--workdir"):
+    args = [f"--workdir={workdir}", *args]
+  code = cli.run_command(choose.main, ["choose", *args])
+  captured = capsys.readouterr()
+  assert_usage_error(code, captured.err, *needles)
+  assert captured.out == ""
 
 
 def test_evaluate_empty_workdir_and_missing_reference(tmp_path, workdir,
@@ -173,7 +194,8 @@ def test_inspect_usage_errors(workdir, no_loading, capsys):
 
 def _train(*args, timeout=120):
   return subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=timeout)
+                        env=TRAIN_ENV, capture_output=True, text=True,
+                        timeout=timeout)
 
 
 def test_train_usage_errors(tmp_path):

@@ -281,3 +281,57 @@ def test_ema_loads_the_moving_average_in_place_of_the_params(tmp_path):
                         ema=True,
                         options=translation.DecodeOptions(method="greedy"))
   assert record["ema"] and ".ema_step20.greedy." in record["json_file"]
+
+
+def test_choose_keeps_the_best_validation_choice_and_scores_test(tmp_path):
+  from train import choose  # pylint: disable=import-outside-toplevel
+  assert choose.best([("a", 1.0), ("b", 3.0), ("c", 3.0)]) == "b"
+  path, _, _ = make_workdir(tmp_path / "run", ema_decay=0.99)
+  greedy = translation.DecodeOptions(method="greedy", max_extra_len=4,
+                                     batch_size=8)
+  # References equal to the moving average's greedy output: it must win.
+  ema = evaluate.run(path, split="validation", ema=True, options=greedy,
+                     output_dir=tmp_path / "ref")
+  with open(ema["hypotheses_file"], encoding="utf-8") as f:
+    (tmp_path / "run/data/tgt.txt").write_text(f.read(), encoding="utf-8")
+  logged = []
+  record = choose.run(path, max_sentences=0, alphas=(0.0, 2.0), beam_size=3,
+                      batch_size=8, max_extra_len=4, test_split="test",
+                      output_dir=tmp_path / "val",
+                      test_output_dir=tmp_path / "test", log=logged.append)
+  # Each pass's score, computed again from the translations it wrote.
+  references = (tmp_path / "run/data/tgt.txt").read_text(
+      encoding="utf-8").splitlines()
+  def bleu(stem):
+    (hyps,) = (tmp_path / "val").glob(f"validation.{stem}.txt")
+    return evaluate.score(hyps.read_text(encoding="utf-8").splitlines(),
+                          references)["bleu"]
+  greedy_bleu = {"last": bleu("step30.greedy"),
+                 "mean_last3": bleu("avg3_step10-30.greedy"),
+                 "ema": bleu("ema_step30.greedy")}
+  assert record["greedy"] == pytest.approx(greedy_bleu) and len(logged) == 5
+  assert greedy_bleu["ema"] == pytest.approx(100.0)
+  assert max(greedy_bleu["last"], greedy_bleu["mean_last3"]) < 100.0
+  assert record["params"] == "ema"
+  beam_bleu = {a: bleu(f"ema_step30.beam3_a{a:g}") for a in (0.0, 2.0)}
+  assert record["beam"] == pytest.approx({"0": beam_bleu[0.0],
+                                          "2": beam_bleu[2.0]})
+  assert record["alpha"] == choose.best(list(beam_bleu.items()))
+  assert record["flags"] == ["--ema", f"--alpha={record['alpha']:g}"]
+  # The test pass: the chosen model and alpha over all of the split (here
+  # the validation verses again, so the same translations).
+  chosen = tmp_path / f"val/validation.ema_step30.beam3_a{record['alpha']:g}.txt"
+  with open(record["test"]["hypotheses_file"], encoding="utf-8") as f:
+    assert f.read() == chosen.read_text(encoding="utf-8")
+  assert record["test"]["data"] == "test"
+  assert record["test"]["hypotheses_file"].startswith(str(tmp_path / "test"))
+  assert json.loads((tmp_path / "val/choice.json").read_text())["params"] == "ema"
+  assert [c[0] for c in choose.params_candidates(path)] == [
+      "last", "mean_last3", "ema"]
+
+
+def test_choose_skips_the_choices_a_run_does_not_have(workdir, tmp_path):
+  from train import choose  # pylint: disable=import-outside-toplevel
+  path, _, _ = workdir   # three checkpoints, no moving average
+  assert [c[0] for c in choose.params_candidates(path)] == ["last",
+                                                            "mean_last3"]

@@ -201,6 +201,19 @@ def test_steps_in_budget_by_hand():
   assert trainer.steps_in_budget(-3.0, 0.5, 10.0, 20, 5.0) == 0
 
 
+def test_the_budget_keeps_back_the_final_evaluation():
+  import time
+  from train import trainer
+  # 60 s budget, 50 s used: 10 s left.
+  stop = trainer.StopRequest(1.0, time.time() - 50.0)
+  assert not stop.requested(at_log_step=True)
+  stop.reserve = 8.0    # a validation pass of 8 s still fits
+  assert not stop.requested(at_log_step=True)
+  stop.reserve = 12.0   # one of 12 s does not: stop now
+  assert stop.requested(at_log_step=True)
+  assert not trainer.StopRequest(0.0, time.time() - 1e6).requested(True)
+
+
 def test_budget_timing_must_end_inside_the_warmup():
   from model import ConfigError
   from train import trainer

@@ -124,7 +124,7 @@ def _read_input(input_file, reference_file):
   return sources, references
 
 
-def _read_split(workdir, split: str):
+def _read_split(workdir, split: str, flag: str = "--split"):
   """(sources, references) of a split of the run's dataset; UsageError."""
   data_config = inference.run_config(workdir).data
   try:
@@ -134,7 +134,7 @@ def _read_split(workdir, split: str):
     # tfds and the parallel-text reader raise several types for a bad split.
     first = (str(e).strip() or repr(e)).splitlines()[0][:200]
     raise cli.UsageError(
-        f"--split={split}: not a split of the run's dataset "
+        f"{flag}={split}: not a split of the run's dataset "
         f"{data_config.name!r} ({first}); use validation or test") from None
   return [p["src"] for p in pairs], [p["tgt"] for p in pairs]
 
@@ -160,32 +160,44 @@ def evenly_spaced(n: int, k: int) -> list[int]:
   return [int(i * n / k) for i in range(k)]
 
 
-def run(workdir, *, split="test", input_file=None, reference_file=None,
-        checkpoint="latest", average_last=0, ema=False,
-        options=DecodeOptions(),
-        output_dir=None, max_sentences=0, devices=None) -> dict[str, Any]:
-  """Decodes and scores; returns (and writes) the result record.
+def read_sources(workdir, *, split="test", input_file=None,
+                 reference_file=None, max_sentences=0, flag="--split"
+                 ) -> tuple[str, list[str], list[str] | None]:
+  """(what, sources, references or None) of a split or a file (UsageError).
 
-  devices: where the batches are decoded (``translation.decode_ids``).
-
-  Inputs, the split and the output directory are checked first
-  (cli.UsageError); an OSError writing the outputs leaves the scores in the
-  record under "write_error".
+  what names the data in output file names: the split or the file's name,
+  with ``.<k>of<n>`` when max_sentences keeps k evenly spaced of n. flag:
+  the option that named the split, for the error message.
   """
   if input_file:
     sources, references = _read_input(input_file, reference_file)
     what = epath.Path(input_file).name
   else:
-    sources, references = _read_split(workdir, split)
+    sources, references = _read_split(workdir, split, flag)
     what = split
   if 0 < max_sentences < len(sources):
     what = f"{what}.{max_sentences}of{len(sources)}"
     keep = evenly_spaced(len(sources), max_sentences)
     sources = [sources[i] for i in keep]
     references = None if references is None else [references[i] for i in keep]
-  out_dir = _writable_dir(epath.Path(output_dir or
-                                     epath.Path(workdir) / "eval"))
-  loaded = inference.load(workdir, checkpoint, average_last, ema)
+  return what, sources, references
+
+
+def output_dir_of(workdir, output_dir=None) -> epath.Path:
+  """--output_dir (default <workdir>/eval), created and checked writable."""
+  return _writable_dir(epath.Path(output_dir or epath.Path(workdir) / "eval"))
+
+
+def decode_and_score(loaded: inference.LoadedModel, what: str,
+                     sources: Sequence[str], references: Sequence[str] | None,
+                     options: DecodeOptions, out_dir: epath.Path,
+                     devices=None) -> dict[str, Any]:
+  """Decodes sources with a loaded model, scores them, writes both.
+
+  Writes ``<out_dir>/<what>.<checkpoint tag>.<decoding tag>.{txt,json}``;
+  an OSError writing them leaves the scores in the record under
+  "write_error".
+  """
   max_src_tokens = loaded.experiment_config.get("data", {}).get("max_len")
   hypotheses, _, _ = translate_texts(loaded.model_config, loaded.params,
                                      loaded.tokenizer, sources, options,
@@ -194,8 +206,7 @@ def run(workdir, *, split="test", input_file=None, reference_file=None,
   tag = inference.checkpoint_tag(loaded.steps, loaded.ema)
   stem = f"{what}.{tag}.{options.tag()}"
   record: dict[str, Any] = {
-      "workdir": str(workdir), "data": what, "steps": loaded.steps,
-      "ema": loaded.ema,
+      "workdir": loaded.workdir, "data": what, "steps": loaded.steps, "ema": loaded.ema,
       "decoding": dataclasses.asdict(options),
       "num_sentences": len(hypotheses)}
   if references is not None:
@@ -211,6 +222,27 @@ def run(workdir, *, split="test", input_file=None, reference_file=None,
   except OSError as e:
     record["write_error"] = f"cannot write to {out_dir}: {e}"
   return record
+
+
+def run(workdir, *, split="test", input_file=None, reference_file=None,
+        checkpoint="latest", average_last=0, ema=False,
+        options=DecodeOptions(),
+        output_dir=None, max_sentences=0, devices=None) -> dict[str, Any]:
+  """Decodes and scores; returns (and writes) the result record.
+
+  devices: where the batches are decoded (``translation.decode_ids``).
+
+  Inputs, the split and the output directory are checked first
+  (cli.UsageError); an OSError writing the outputs leaves the scores in the
+  record under "write_error".
+  """
+  what, sources, references = read_sources(
+      workdir, split=split, input_file=input_file,
+      reference_file=reference_file, max_sentences=max_sentences)
+  out_dir = output_dir_of(workdir, output_dir)
+  loaded = inference.load(workdir, checkpoint, average_last, ema)
+  return decode_and_score(loaded, what, sources, references, options, out_dir,
+                          devices)
 
 
 def main(argv: Sequence[str]) -> int:

@@ -44,6 +44,7 @@ class LoadedModel(NamedTuple):
   steps: list[int]         # the checkpoint step(s) whose params these are
   tokenizer: tokenizer_lib.Tokenizer
   ema: bool = False        # the params' moving average (optimizer.ema_decay)
+  workdir: str = ""        # the run's directory
 
 
 def parse_checkpoint(value: str) -> str | int:
@@ -172,7 +173,8 @@ def load(workdir, checkpoint: str | int = "latest",
                      f"the model only {model_config.vocab_size}: they are not "
                      "from the same run")
   return LoadedModel(model_config, params,
-                     ml_collections.ConfigDict(experiment), used, tok, ema)
+                     ml_collections.ConfigDict(experiment), used, tok, ema,
+                     str(workdir))
 
 
 def load_params(workdir, checkpoint: str | int = "latest",

@@ -12,8 +12,11 @@
    steps are moved to ``<workdir>/checkpoints_set_aside/`` (never deleted);
 3. the resolved config is written to ``<workdir>/config.json``;
 4. the loop trains until ``num_train_steps`` or the wall-time budget
-   ``max_minutes`` (wall time of this launch, data preparation and compilation
-   included; the final evaluation and checkpoint follow it; a decaying
+   ``max_minutes`` (the wall time of this launch: data preparation,
+   compilation and the final evaluation included. The loop keeps back the
+   time its last validation pass took, and its last BLEU pass's if one has
+   run; without one, a run stopped by the budget ends without BLEU. The
+   final checkpoint follows. A decaying
    schedule first fixes how many steps the budget holds, see
    ``plans_steps_from_time``) or SIGTERM
    (checkpoint, then exit 0; multi-host: agreed at log steps), evaluating the
@@ -176,6 +179,9 @@ class StopRequest:
   def __init__(self, max_minutes: float, start_time: float):
     self.budget = max_minutes * 60 if max_minutes > 0 else float("inf")
     self.start_time = start_time
+    # Seconds kept back for what follows the last step (the final
+    # evaluation): the budget is the launch's wall time, the end included.
+    self.reserve = 0.0
     self.signalled = ""
     self._previous = None
 
@@ -199,7 +205,7 @@ class StopRequest:
 
   def requested(self, at_log_step: bool) -> bool:
     """Whether to stop now; every process agrees (checked at log steps)."""
-    want = bool(self.signalled) or self.seconds_left() <= 0
+    want = bool(self.signalled) or self.seconds_left() <= self.reserve
     if jax.process_count() == 1:
       return want
     if not at_log_step:
@@ -472,6 +478,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                         if config.max_minutes > 0 else "")
         + " (the first step compiles; it can take a while)")
   try:
+    bleu_seconds = 0.0   # the last BLEU pass's
     with StopRequest(config.max_minutes, start_time) as stop:
       while step < total:
         state, step_metrics = runner.train_step(
@@ -528,12 +535,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           say(progress_line(step, total, scalars, max(0.0, eta)))
           ckpt.check_for_errors()
         if evaluate_now:
+          eval_start = time.time()
           last_eval = evaluate_loss(runner, evaluated_params(state),
                                     eval_data, config.num_eval_batches)
-          if bleu and (step % config.eval_bleu_every_steps == 0 or finishing):
+          loss_seconds = time.time() - eval_start
+          # At a stop for the budget, BLEU only if a BLEU pass has been
+          # timed: its time was kept back (stop.reserve), an untimed one's
+          # (its searches compile) was not.
+          if bleu and (step % config.eval_bleu_every_steps == 0 or
+                       (finishing and (step >= total or bleu_seconds))):
+            bleu_start = time.time()
             last_eval.update(evaluate_bleu(
                 model_config, runner.host_params(evaluated_params(state)), bleu,
                 eval_data.references, tok, bleu_options(config)))
+            bleu_seconds = time.time() - bleu_start
+          stop.reserve = loss_seconds + bleu_seconds
           last_metrics.update(last_eval)
           writer.write(step, last_eval)
           say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in

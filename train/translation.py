@@ -163,8 +163,14 @@ def decode_ids(model_config: TransformerConfig, params,
 
   devices = list(devices or ())
   if len(devices) <= 1:
+    # Committed to one device, whatever their origin: jit compiles a program
+    # per kind of argument (committed, uncommitted, numpy), and an Orbax
+    # restore and an average of checkpoints (numpy) would otherwise each
+    # compile every search of every batch shape again.
+    replica = jax.device_put(params, devices[0] if devices
+                             else jax.local_devices()[0])
     for batch_index in range(len(batches)):
-      decode(params, batch_index)
+      decode(replica, batch_index)
     return outputs
   todo: queue.SimpleQueue[int] = queue.SimpleQueue()
   for batch_index in range(len(batches)):
