@@ -60,19 +60,28 @@ $PY -m train.choose --workdir="$WORKDIR" --max_sentences=300 --alphas=1.0,1.4 \
 CHOSEN=$(sed -n 's/^chosen: //p' "$WORKDIR/eval_validation/choose.log")
 step "5/6 held-out verses (test split) beside their references ($CHOSEN)"
 # Step 4's test pass wrote its translations in the split's order.
-$PY - "$WORKDIR/eval_validation/choice.json" "$SHOW" <<'EOF'
-import json, sys
-import train.datasets, tensorflow_datasets as tfds
-choice, count = json.load(open(sys.argv[1])), int(sys.argv[2])
-with open(choice["test"]["hypotheses_file"], encoding="utf-8") as f:
-    hypotheses = f.read().splitlines()
-test = tfds.data_source("bible_es_en", split="test")
-step = max(1, len(test) // count)
-decode = lambda v: v.decode() if isinstance(v, bytes) else str(v)
-for i in range(0, step * count, step):
-    pair = test[i]
-    print(f"  [{decode(pair['ref'])}]\n  source:     {decode(pair['es'])}\n"
-          f"  model:      {hypotheses[i]}\n  reference:  {decode(pair['en'])}\n")
+$PY - "$WORKDIR" "$SHOW" <<'EOF'
+import json, pathlib, sys
+from train import evaluate, inference
+workdir, count = sys.argv[1], int(sys.argv[2])
+choice = json.loads(pathlib.Path(workdir, "eval_validation", "choice.json").read_text())
+hypotheses = pathlib.Path(choice["test"]["hypotheses_file"]).read_text(
+    encoding="utf-8").split("\n")[:-1]
+_, sources, references = evaluate.read_sources(workdir, split="test")
+assert len(hypotheses) == len(sources), (len(hypotheses), len(sources))
+count = max(0, min(count, len(sources)))
+every = len(sources) // count if count else 1
+shown = range(0, every * count, every)
+labels = {i: f"test line {i + 1}" for i in shown}
+data = inference.run_config(workdir).data
+if data.name == "bible_es_en":   # verse references, book chapter:verse
+    import train.datasets, tensorflow_datasets as tfds
+    test = tfds.data_source("bible_es_en", split="test", data_dir=data.data_dir or None)
+    text = lambda v: v.decode() if isinstance(v, bytes) else str(v)
+    labels = {i: text(test[i]["ref"]) for i in shown}
+for i in shown:
+    print(f"  [{labels[i]}]\n  source:     {sources[i]}\n  model:      {hypotheses[i]}\n"
+          f"  reference:  {references[i]}\n")
 EOF
 step "6/6 attention heat map"
 echo "El animal no cruzó la calle porque estaba muy cansado." | \
@@ -90,8 +99,8 @@ bleu = json.loads(tests[-1].read_text())["bleu"] if tests else float("nan")
 rate = statistics.median(rates) if rates else float("nan")
 print(f"  {step:,} training steps in all, at a median {rate:.2f} steps/s; test BLEU {bleu:.1f}")
 print("  BLEU follows the steps, not the minutes: this shared 2-core machine runs\n"
-      "  0.6 to 1.5 steps/s from day to day. The README's results table gives the\n"
-      "  BLEU measured at each number of steps; a slow day's 30 minutes is ~1,000\n"
+      "  0.55 to 1.4 steps/s from day to day. The README's results table gives the\n"
+      "  BLEU measured at each number of steps; a slow day's 30 minutes is ~950\n"
       "  steps, a fast day's ~2,650. To train further, run this again (it resumes).")
 EOF
 

@@ -317,13 +317,20 @@ def test_choose_keeps_the_best_validation_choice_and_scores_test(tmp_path):
   assert record["beam"] == pytest.approx({"0": beam_bleu[0.0],
                                           "2": beam_bleu[2.0]})
   assert record["alpha"] == choose.best(list(beam_bleu.items()))
-  assert record["flags"] == ["--ema", f"--alpha={record['alpha']:g}"]
+  assert record["flags"] == ["--ema", f"--alpha={record['alpha']:g}",
+                             "--beam_size=3"]
   # The test pass: the chosen model and alpha over all of the split (here
   # the validation verses again, so the same translations).
   chosen = tmp_path / f"val/validation.ema_step30.beam3_a{record['alpha']:g}.txt"
   with open(record["test"]["hypotheses_file"], encoding="utf-8") as f:
     assert f.read() == chosen.read_text(encoding="utf-8")
   assert record["test"]["data"] == "test"
+  # (On this random model no hypothesis ends before its length limit, so
+  # both length penalties give the same translations: the test pass's own
+  # record says which alpha and params it used.)
+  test_record = json.loads(open(record["test"]["json_file"]).read())
+  assert test_record["decoding"]["alpha"] == record["alpha"]
+  assert test_record["decoding"]["beam_size"] == 3 and test_record["ema"]
   assert record["test"]["hypotheses_file"].startswith(str(tmp_path / "test"))
   assert json.loads((tmp_path / "val/choice.json").read_text())["params"] == "ema"
   assert [c[0] for c in choose.params_candidates(path)] == [

@@ -15,17 +15,19 @@ writes the files ``train.evaluate`` writes for it, and the choice goes to
 ``<output_dir>/choice.json``; the last line printed is the choice as flags
 of ``train.evaluate`` and ``train.translate``::
 
-    chosen: --ema --alpha=1.4
+    chosen: --ema --alpha=1.4 --beam_size=4
 
-One process does what five ``train.evaluate`` runs did: the checkpoints,
-the tokenizer and the split are read once, and every pass after the first
-of its search reuses the compiled programs (params and alpha are traced
-arguments). Exit status 0, 2 on a usage mistake (one line on stderr, before
-any model loads), 1 if an output cannot be written.
+One process does what six ``train.evaluate`` runs did (five validation
+passes and the test split): the split is read once, each candidate's params
+once, and every pass after the first of its search reuses the compiled
+programs (params and alpha are traced arguments). Exit status 0, 2 on a
+usage mistake (one line on stderr, before any model loads), 1 if an output
+cannot be written.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from typing import Any, Sequence
@@ -62,7 +64,8 @@ def params_candidates(workdir) -> list[tuple[str, list[str], dict]]:
 def run(workdir, *, split="validation", max_sentences=300,
         alphas=(1.0, 1.4), beam_size=4, batch_size=64, max_extra_len=50,
         test_split=None, output_dir=None, test_output_dir=None,
-        devices=None, log=print) -> dict[str, Any]:
+        devices=None, log=functools.partial(print, flush=True)
+        ) -> dict[str, Any]:
   """Chooses on `split`, then scores `test_split` if given; the choice record.
 
   The record: "params" (a name of _PARAMS), "alpha", "flags" (of
@@ -73,14 +76,15 @@ def run(workdir, *, split="validation", max_sentences=300,
       workdir, split=split, max_sentences=max_sentences)
   if references is None:
     raise cli.UsageError(f"--split={split} has no references to choose by")
-  out_dir = evaluate.output_dir_of(workdir, output_dir or
-                                   epath.Path(workdir) / "eval_validation")
+  out_dir = evaluate.output_dir_of(
+      workdir, output_dir or epath.Path(workdir) / "eval_validation")
   test_dir = None
   if test_split:
     test_what, test_sources, test_references = evaluate.read_sources(
         workdir, split=test_split, flag="--test_split")
-    test_dir = evaluate.output_dir_of(workdir, test_output_dir or
-                                      epath.Path(workdir) / "eval_test")
+    test_dir = evaluate.output_dir_of(
+        workdir, test_output_dir or epath.Path(workdir) / "eval_test",
+        flag="--test_output_dir")
   decode = dict(max_extra_len=max_extra_len, batch_size=batch_size)
   greedy = DecodeOptions(method="greedy", **decode)
   beams = [DecodeOptions(method="beam", beam_size=beam_size, alpha=a, **decode)
@@ -98,17 +102,19 @@ def run(workdir, *, split="validation", max_sentences=300,
   for name, _, load_args in params_candidates(workdir):
     loaded[name] = inference.load(workdir, "latest", **load_args)
     tag = inference.checkpoint_tag(loaded[name].steps, loaded[name].ema)
-    greedy_bleu.append(
-        (name, one_pass(f"greedy {name} ({tag})", loaded[name], greedy)["bleu"]))
+    record = one_pass(f"greedy {name} ({tag})", loaded[name], greedy)
+    greedy_bleu.append((name, record["bleu"]))
   chosen = best(greedy_bleu)
-  model = loaded[chosen]
+  model = loaded.pop(chosen)
+  loaded.clear()   # the other candidates' params
   beam_bleu = [(o.alpha, one_pass(f"beam{beam_size} alpha {o.alpha:g}", model,
                                   o)["bleu"]) for o in beams]
   alpha = best(beam_bleu)
   params_flags = next(f for n, f, _ in _PARAMS if n == chosen)
   record: dict[str, Any] = {
       "workdir": str(workdir), "data": what, "params": chosen, "alpha": alpha,
-      "beam_size": beam_size, "flags": params_flags + [f"--alpha={alpha:g}"],
+      "beam_size": beam_size, "flags": params_flags + [f"--alpha={alpha:g}",
+                                             f"--beam_size={beam_size}"],
       "greedy": dict(greedy_bleu), "beam": {f"{a:g}": b for a, b in beam_bleu}}
   if test_split:
     options = DecodeOptions(method="beam", beam_size=beam_size, alpha=alpha,
@@ -170,10 +176,12 @@ def main(argv: Sequence[str]) -> int:
   if f.max_sentences < 0:
     raise cli.UsageError(f"--max_sentences={f.max_sentences}: use a count "
                          ">= 0 (0: all)")
+  if any(a < 0 for a in alphas):
+    raise cli.UsageError(f"--alphas={','.join(f.alphas)}: use numbers >= 0 "
+                         "(GNMT length penalty exponents)")
   try:   # the searches' options, checked before any model loads
-    for alpha in alphas:
-      DecodeOptions(method="beam", beam_size=f.beam_size, alpha=alpha,
-                    batch_size=f.batch_size, max_extra_len=f.max_extra_len)
+    DecodeOptions(method="beam", beam_size=f.beam_size, alpha=alphas[0],
+                  batch_size=f.batch_size, max_extra_len=f.max_extra_len)
   except ValueError as e:
     raise cli.UsageError(str(e)) from None
   try:
@@ -192,7 +200,7 @@ def main(argv: Sequence[str]) -> int:
     print(f"test: {test['chrf_detail']}")
     print(f"scores: {test['json_file']}")
   print(f"choice: {record['choice_file']}")
-  print(f"chosen: {' '.join(record['flags'])}")
+  print(f"chosen: {' '.join(record['flags'])}", flush=True)
   return 0
 
 

@@ -1,7 +1,7 @@
 """What the commands share: their flags, parsing, and usage errors.
 
-``train.evaluate``, ``train.translate``, ``train.inspect`` and
-``train.export`` define their flags on a private ``FlagValues`` (no clash
+``train.evaluate``, ``train.choose``, ``train.translate``, ``train.inspect``
+and ``train.export`` define their flags on a private ``FlagValues`` (no clash
 between modules), parse with ``parse_flags`` and report a usage mistake with
 ``UsageError``: one or two lines on stderr naming the flag, the value and
 what to do, exit status 2, before any model is loaded.

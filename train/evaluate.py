@@ -139,7 +139,8 @@ def _read_split(workdir, split: str, flag: str = "--split"):
   return [p["src"] for p in pairs], [p["tgt"] for p in pairs]
 
 
-def _writable_dir(path: epath.Path) -> epath.Path:
+def _writable_dir(path: epath.Path, flag: str = "--output_dir"
+                  ) -> epath.Path:
   """Creates path if needed and checks a file can be written in it."""
   try:
     path.mkdir(parents=True, exist_ok=True)
@@ -148,8 +149,8 @@ def _writable_dir(path: epath.Path) -> epath.Path:
         pass
   except OSError as e:
     raise cli.UsageError(
-        f"--output_dir={path}: not writable ({e.strerror or e}); pass a "
-        "writable --output_dir") from None
+        f"{flag}={path}: not writable ({e.strerror or e}); pass a "
+        f"writable {flag}") from None
   return path
 
 
@@ -183,9 +184,11 @@ def read_sources(workdir, *, split="test", input_file=None,
   return what, sources, references
 
 
-def output_dir_of(workdir, output_dir=None) -> epath.Path:
+def output_dir_of(workdir, output_dir=None, flag="--output_dir"
+                  ) -> epath.Path:
   """--output_dir (default <workdir>/eval), created and checked writable."""
-  return _writable_dir(epath.Path(output_dir or epath.Path(workdir) / "eval"))
+  return _writable_dir(epath.Path(output_dir or epath.Path(workdir) / "eval"),
+                       flag)
 
 
 def decode_and_score(loaded: inference.LoadedModel, what: str,
@@ -206,7 +209,8 @@ def decode_and_score(loaded: inference.LoadedModel, what: str,
   tag = inference.checkpoint_tag(loaded.steps, loaded.ema)
   stem = f"{what}.{tag}.{options.tag()}"
   record: dict[str, Any] = {
-      "workdir": loaded.workdir, "data": what, "steps": loaded.steps, "ema": loaded.ema,
+      "workdir": loaded.workdir, "data": what, "steps": loaded.steps,
+      "ema": loaded.ema,
       "decoding": dataclasses.asdict(options),
       "num_sentences": len(hypotheses)}
   if references is not None:

@@ -4,8 +4,8 @@
     loaded.model_config, loaded.params, loaded.tokenizer, loaded.steps
     loaded.experiment_config   # the run's ml_collections config, from the checkpoint
 
-The one loading path of ``train.evaluate``, ``train.translate``,
-``train.inspect`` and ``train.export``. It opens the workdir's checkpoints
+The one loading path of ``train.evaluate``, ``train.choose``,
+``train.translate``, ``train.inspect`` and ``train.export``. It opens the workdir's checkpoints
 read-only once, resolves the step once, reads each checkpoint's params once
 (never the optimizer state) and the tokenizer once.
 

@@ -13,10 +13,11 @@
 3. the resolved config is written to ``<workdir>/config.json``;
 4. the loop trains until ``num_train_steps`` or the wall-time budget
    ``max_minutes`` (the wall time of this launch: data preparation,
-   compilation and the final evaluation included. The loop keeps back the
-   time its last validation pass took, and its last BLEU pass's if one has
-   run; without one, a run stopped by the budget ends without BLEU. The
-   final checkpoint follows. A decaying
+   compilation and, once a validation pass has been timed, the final
+   evaluation included. The loop keeps back the time its last validation
+   pass took, and its last BLEU pass's if one has run in this launch;
+   without one, a run stopped by the budget ends without BLEU. The final
+   checkpoint follows. A decaying
    schedule first fixes how many steps the budget holds, see
    ``plans_steps_from_time``) or SIGTERM
    (checkpoint, then exit 0; multi-host: agreed at log steps), evaluating the
@@ -406,6 +407,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # This run's copy: a budget may fix its step count (plans_steps_from_time).
   config = ml_collections.ConfigDict(config.to_dict())
   planned = plans_steps_from_time(config)
+  # A length fixed from the budget already counts its evaluations (with a
+  # margin): the stop keeps nothing back for them, so the run ends at the
+  # step its schedule does.
+  keep_back = not planned
   if planned:
     check_budget_timing(config)
   elif config.optimizer.schedule != "rsqrt" and config.optimizer.decay_steps == 0:
@@ -478,7 +483,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                         if config.max_minutes > 0 else "")
         + " (the first step compiles; it can take a while)")
   try:
-    bleu_seconds = 0.0   # the last BLEU pass's
+    bleu_seconds, bleu_timed = 0.0, False   # the last BLEU pass's
     with StopRequest(config.max_minutes, start_time) as stop:
       while step < total:
         state, step_metrics = runner.train_step(
@@ -531,7 +536,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           writer.write(step, scalars)
           rate = scalars.get("steps_per_sec", 0.0)
           eta = min((total - step) / rate if rate > 0 else float("inf"),
-                    stop.seconds_left())
+                    stop.seconds_left() - stop.reserve)
           say(progress_line(step, total, scalars, max(0.0, eta)))
           ckpt.check_for_errors()
         if evaluate_now:
@@ -543,13 +548,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           # timed: its time was kept back (stop.reserve), an untimed one's
           # (its searches compile) was not.
           if bleu and (step % config.eval_bleu_every_steps == 0 or
-                       (finishing and (step >= total or bleu_seconds))):
+                       (finishing and (step >= total or bleu_timed))):
             bleu_start = time.time()
             last_eval.update(evaluate_bleu(
                 model_config, runner.host_params(evaluated_params(state)), bleu,
                 eval_data.references, tok, bleu_options(config)))
-            bleu_seconds = time.time() - bleu_start
-          stop.reserve = loss_seconds + bleu_seconds
+            bleu_seconds, bleu_timed = time.time() - bleu_start, True
+          if keep_back:
+            stop.reserve = loss_seconds + bleu_seconds
           last_metrics.update(last_eval)
           writer.write(step, last_eval)
           say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in
