@@ -76,12 +76,13 @@ def run(workdir, *, split="validation", max_sentences=300,
       workdir, split=split, max_sentences=max_sentences)
   if references is None:
     raise cli.UsageError(f"--split={split} has no references to choose by")
+  if test_split:   # both splits checked before any directory is made
+    test_what, test_sources, test_references = evaluate.read_sources(
+        workdir, split=test_split, flag="--test_split")
   out_dir = evaluate.output_dir_of(
       workdir, output_dir or epath.Path(workdir) / "eval_validation")
   test_dir = None
   if test_split:
-    test_what, test_sources, test_references = evaluate.read_sources(
-        workdir, split=test_split, flag="--test_split")
     test_dir = evaluate.output_dir_of(
         workdir, test_output_dir or epath.Path(workdir) / "eval_test",
         flag="--test_output_dir")
@@ -90,40 +91,41 @@ def run(workdir, *, split="validation", max_sentences=300,
   beams = [DecodeOptions(method="beam", beam_size=beam_size, alpha=a, **decode)
            for a in alphas]   # a ValueError here comes before anything loads
 
-  def one_pass(name, loaded, options):
-    record = evaluate.decode_and_score(loaded, what, sources, references,
-                                       options, out_dir, devices)
-    log(f"  {name}: {record['bleu_detail']}")
+  def scored(loaded, options, data, directory):
+    record = evaluate.decode_and_score(loaded, *data, options, directory,
+                                       devices)
     if "write_error" in record:
       raise OSError(record["write_error"])
     return record
+
+  def one_pass(name, loaded, options):
+    record = scored(loaded, options, (what, sources, references), out_dir)
+    log(f"  {name}: {record['bleu_detail']}")
+    return record["bleu"]
 
   loaded, greedy_bleu = {}, []
   for name, _, load_args in params_candidates(workdir):
     loaded[name] = inference.load(workdir, "latest", **load_args)
     tag = inference.checkpoint_tag(loaded[name].steps, loaded[name].ema)
-    record = one_pass(f"greedy {name} ({tag})", loaded[name], greedy)
-    greedy_bleu.append((name, record["bleu"]))
+    greedy_bleu.append(
+        (name, one_pass(f"greedy {name} ({tag})", loaded[name], greedy)))
   chosen = best(greedy_bleu)
   model = loaded.pop(chosen)
   loaded.clear()   # the other candidates' params
-  beam_bleu = [(o.alpha, one_pass(f"beam{beam_size} alpha {o.alpha:g}", model,
-                                  o)["bleu"]) for o in beams]
-  alpha = best(beam_bleu)
+  beam_bleu = [(o, one_pass(f"beam{beam_size} alpha {o.alpha:g}", model, o))
+               for o in beams]
+  beam = best(beam_bleu)
   params_flags = next(f for n, f, _ in _PARAMS if n == chosen)
   record: dict[str, Any] = {
-      "workdir": str(workdir), "data": what, "params": chosen, "alpha": alpha,
-      "beam_size": beam_size, "flags": params_flags + [f"--alpha={alpha:g}",
-                                             f"--beam_size={beam_size}"],
-      "greedy": dict(greedy_bleu), "beam": {f"{a:g}": b for a, b in beam_bleu}}
+      "workdir": str(workdir), "data": what, "params": chosen,
+      "alpha": beam.alpha, "beam_size": beam_size,
+      "flags": params_flags + [f"--alpha={beam.alpha:g}",
+                               f"--beam_size={beam_size}"],
+      "greedy": dict(greedy_bleu),
+      "beam": {f"{o.alpha:g}": b for o, b in beam_bleu}}
   if test_split:
-    options = DecodeOptions(method="beam", beam_size=beam_size, alpha=alpha,
-                            **decode)
-    test = evaluate.decode_and_score(model, test_what, test_sources,
-                                     test_references, options, test_dir,
-                                     devices)
-    if "write_error" in test:
-      raise OSError(test["write_error"])
+    test = scored(model, beam, (test_what, test_sources, test_references),
+                  test_dir)
     record["test"] = {k: test[k] for k in
                       ("data", "steps", "ema", "bleu", "chrf", "bleu_detail",
                        "chrf_detail", "bleu_signature", "json_file",
