@@ -21,9 +21,6 @@ from train.batches import SyntheticBatches
 pytestmark = pytest.mark.slow  # child processes that compile
 
 NUM_STEPS = 4
-FAST_COMPILE = ("--xla_backend_optimization_level=0 "
-                "--xla_llvm_disable_expensive_passes=true")
-
 
 def _worker(out_dir: str, process_id: int, num_processes: int, port: int):
   import jax
@@ -75,8 +72,9 @@ def _free_port() -> int:
 def test_two_processes_agree_with_one(tmp_path):
   port = _free_port()
   env4 = dict(os.environ, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=FAST_COMPILE + " --xla_force_host_platform_device_count=4")
-  env1 = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE)
+              XLA_FLAGS=os.environ["XLA_FLAGS"]
+              + " --xla_force_host_platform_device_count=4")
+  env1 = dict(os.environ, JAX_PLATFORMS="cpu")
   procs = [subprocess.Popen(
       [sys.executable, __file__, str(tmp_path), str(pid), "2", str(port)],
       env=env4, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

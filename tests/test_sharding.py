@@ -26,11 +26,6 @@ from train.batches import SyntheticBatches
 pytestmark = pytest.mark.slow  # child processes that compile
 
 NUM_STEPS = 5
-# Compile time dominates on the shared 2-core CPU; all placements use the
-# same flags, so the comparison is unaffected.
-FAST_COMPILE = ("--xla_backend_optimization_level=0 "
-                "--xla_llvm_disable_expensive_passes=true")
-
 
 def _worker(out_dir: str) -> None:
   import jax
@@ -95,7 +90,8 @@ def _worker(out_dir: str) -> None:
 def results(tmp_path_factory):
   out = tmp_path_factory.mktemp("sharding")
   env = dict(os.environ,
-             XLA_FLAGS=FAST_COMPILE + " --xla_force_host_platform_device_count=8",
+             XLA_FLAGS=os.environ["XLA_FLAGS"]
+             + " --xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, __file__, str(out)], env=env,
                         capture_output=True, text=True, timeout=600)

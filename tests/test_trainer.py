@@ -25,11 +25,8 @@ pytestmark = pytest.mark.slow  # child processes that compile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "experiments", "configs", "tiny.py")
-# Compile time dominates on a shared 2-core CPU; flags are the same for the
-# runs compared.
-FAST_COMPILE = ("--xla_backend_optimization_level=0 "
-                "--xla_llvm_disable_expensive_passes=true")
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE)
+# tests/conftest.py set the fast-compile XLA flags every child inherits.
+ENV = dict(os.environ, JAX_PLATFORMS="cpu")
 
 WORDS = {"el": "the", "perro": "dog", "gato": "cat", "come": "eats",
          "bebe": "drinks", "agua": "water", "pan": "bread", "casa": "house",
