@@ -81,7 +81,7 @@ def _mesh_worker(workdir: str) -> None:
 @pytest.mark.slow
 def test_save_on_8_devices_restore_on_1_and_2x4(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=os.environ["XLA_FLAGS"]
+             XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
              + " --xla_force_host_platform_device_count=8")
   proc = subprocess.run([sys.executable, __file__, "mesh", str(tmp_path)],
                         env=env, capture_output=True, text=True, timeout=300)

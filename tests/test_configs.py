@@ -115,6 +115,18 @@ def test_paper_configs_use_the_papers_settings():
   assert base.checkpoint.max_to_keep >= 5 and big.checkpoint.max_to_keep >= 20
 
 
+def test_bible_configs_shapes():
+  # bible_es_en narrows `small`; bible_es_en_base, built on it, is the
+  # paper's base shape, not a narrowed one.
+  cpu, accel = (load(ROOT / f"experiments/configs/{n}.py")
+                for n in ("bible_es_en", "bible_es_en_base"))
+  small = trainer.model_config_for(cpu, 8000)
+  base = trainer.model_config_for(accel, 8000)
+  assert (small.d_model, small.d_ff, small.num_encoder_layers) == (192, 768, 3)
+  assert (base.d_model, base.d_ff, base.num_heads, base.num_encoder_layers,
+          base.num_decoder_layers) == (512, 2048, 8, 6, 6)
+
+
 @pytest.mark.parametrize("script, args, expected", [
     ("create.sh", ["--accelerator", "v4-32"],
      ["gcloud compute tpus tpu-vm create", "--accelerator-type=v4-32"]),

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from test_evaluate import SOURCES, TARGETS, make_workdir  # tests/ is on sys.path
-from test_trainer import ENV as TRAIN_ENV  # the training children's XLA flags
+from test_trainer import ENV as TRAIN_ENV  # the training children's environment
 from train import choose, evaluate, inference, inspect as inspect_cli
 from train import translate
 from train import cli

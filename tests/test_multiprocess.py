@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow  # child processes that compile
 
 NUM_STEPS = 4
 
+
 def _worker(out_dir: str, process_id: int, num_processes: int, port: int):
   import jax
   from jax.experimental import multihost_utils
@@ -72,7 +73,7 @@ def _free_port() -> int:
 def test_two_processes_agree_with_one(tmp_path):
   port = _free_port()
   env4 = dict(os.environ, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=os.environ["XLA_FLAGS"]
+              XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
               + " --xla_force_host_platform_device_count=4")
   env1 = dict(os.environ, JAX_PLATFORMS="cpu")
   procs = [subprocess.Popen(

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow  # child processes that compile
 
 NUM_STEPS = 5
 
+
 def _worker(out_dir: str) -> None:
   import jax
   from experiments.configs import tiny
@@ -90,7 +91,7 @@ def _worker(out_dir: str) -> None:
 def results(tmp_path_factory):
   out = tmp_path_factory.mktemp("sharding")
   env = dict(os.environ,
-             XLA_FLAGS=os.environ["XLA_FLAGS"]
+             XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
              + " --xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, __file__, str(out)], env=env,

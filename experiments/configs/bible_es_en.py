@@ -5,7 +5,7 @@ to d_model 192 and d_ff 768 (3+3 layers, 4 heads of 48, 4,644,864 parameters
 with the 8k joint SentencePiece vocabulary; `small` itself has d_model 256,
 d_ff 1024, 7.6M), packed rows of max_len 128 tokens.
 
-Choices for a ~30-minute run, 1,400 to 3,300 steps as this shared 2-core
+Choices for a ~30-minute run, 1,300 to 3,650 steps as this shared 2-core
 machine's speed varies from day to day (the paper's settings assume 100k
 steps of 25k-token batches on 8 GPUs):
   * d_model 192, d_ff 768 (a departure from `small`'s 256 / 1024): a
@@ -59,8 +59,8 @@ steps of 25k-token batches on 8 GPUs):
     5.39 / 5.00 / 4.56 at steps 200 / 300 / 500; pre-LN with warmup 150
     reaches 4.93 / 4.57 at steps 200 / 300, the loss post-LN needs ~500
     steps for;
-  * learning_rate_scale 0.4: peak lr = 0.4 * 256^-0.5 * 150^-0.5 = 2.1e-3
-    at step 150, decaying as step^-0.5. Measured against 0.6 (peak 3.1e-3,
+  * learning_rate_scale 0.4: peak lr = 0.4 * 256^-0.5 * 150^-0.5 = 2.0e-3
+    at step 150 (2.4e-3 at this config's d_model 192), decaying as step^-0.5. Measured against 0.6 (peak 3.1e-3,
     the previous setting) at the slow-day budget of 1,000 steps, same code,
     seed and batches, each run once (2026-11-24 and 2026-12-01): greedy BLEU
     on 300 validation verses 21.84 against 20.26, beam-4 (alpha 1.0) 22.96
