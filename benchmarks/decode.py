@@ -23,7 +23,8 @@ params and tokenizer if --workdir is given, else with random params of the
 `small` preset (noted in the output; a random model rarely emits eos, so
 every output runs to its length limit of source + 50 tokens: a worst case).
 Without a workdir the verses are tokenised with --tokenizer (a SentencePiece
-model) if given, else replaced by synthetic sources of the same length distribution (noted).
+model) if given, else replaced by synthetic sources of the same length
+distribution (noted).
 Each method decodes every batch once untimed (compiling each cache length
 and batch size it reaches), then each of --repeats repetitions times every
 method once, in turn; the table gives medians. ``*_all_rows`` is the same search keeping the

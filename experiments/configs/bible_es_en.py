@@ -60,9 +60,10 @@ steps of 25k-token batches on 8 GPUs):
     reaches 4.93 / 4.57 at steps 200 / 300, the loss post-LN needs ~500
     steps for;
   * learning_rate_scale 0.4: peak lr = 0.4 * 256^-0.5 * 150^-0.5 = 2.0e-3
-    at step 150 (2.4e-3 at this config's d_model 192), decaying as step^-0.5. Measured against 0.6 (peak 3.1e-3,
-    the previous setting) at the slow-day budget of 1,000 steps, same code,
-    seed and batches, each run once (2026-11-24 and 2026-12-01): greedy BLEU
+    at step 150 (2.4e-3 at this config's d_model 192), decaying as
+    step^-0.5. Measured against 0.6 (peak 3.1e-3, the previous setting)
+    at the slow-day budget of 1,000 steps, same code, seed and batches,
+    each run once (2026-11-24 and 2026-12-01): greedy BLEU
     on 300 validation verses 21.84 against 20.26, beam-4 (alpha 1.0) 22.96
     against 21.30, and test BLEU / chrF 22.30 / 42.85 against 20.62 / 41.39;
     validation loss at step 1,000: 3.447. Scale 1.0 (peak 5.2e-3) measured
