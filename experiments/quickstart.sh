@@ -5,10 +5,10 @@
 #
 # From a fresh clone: sets up .venv and the corpus packages, builds the
 # bible_es_en dataset, trains the SentencePiece tokenizer and the model
-# (`small` narrowed to d_model 192) for a bounded wall time, scores the test split with beam search
-# (sacreBLEU BLEU and chrF), shows held-out verses beside their references,
-# and draws an attention heat map. Run it again to continue training in the
-# same workdir where the last run stopped.
+# (`small` narrowed to d_model 192) for a bounded wall time, scores the test
+# split with beam search (sacreBLEU BLEU and chrF), shows held-out verses
+# beside their references, and draws an attention heat map. Run it again to
+# continue training in the same workdir where the last run stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,11 +18,15 @@ CONFIG=experiments/configs/bible_es_en.py
 SHOW=5
 while [ $# -gt 0 ]; do
   case "$1" in
+    --minutes|--workdir|--config|--show)
+      if [ $# -lt 2 ]; then echo "$1 needs a value (see --help)" >&2; exit 2; fi ;;
+  esac
+  case "$1" in
     --minutes) MINUTES="$2"; shift ;;
     --workdir) WORKDIR="$2"; shift ;;
     --config) CONFIG="$2"; shift ;;
     --show) SHOW="$2"; shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^[^#]/{/^#/p}' "$0"; exit 0 ;;   # the header comment
     *) echo "unknown flag: $1 (see --help)" >&2; exit 2 ;;
   esac
   shift

@@ -156,3 +156,29 @@ def test_tpu_vm_scripts_refuse_a_missing_bucket():
   out = subprocess.run(["bash", str(ROOT / "experiments/tpu_vm/launch.sh"),
                         "--dry-run"], capture_output=True, text=True)
   assert out.returncode == 2 and "--bucket gs://" in out.stderr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--minutes"], "--minutes needs a value"),
+    (["--show"], "--show needs a value"),
+    (["--bogus"], "unknown flag: --bogus")])
+def test_quickstart_usage_errors_stop_before_any_set_up(tmp_path, args, needle):
+  # Run from a copy of the script alone: a mistake must stop it before its
+  # first step (the set-up would need experiments/setup.sh beside it).
+  script = tmp_path / "experiments" / "quickstart.sh"
+  script.parent.mkdir()
+  script.write_text((ROOT / "experiments/quickstart.sh").read_text())
+  out = subprocess.run(["bash", str(script), *args], capture_output=True,
+                       text=True, cwd=tmp_path)
+  assert out.returncode == 2, out
+  assert out.stderr.strip().splitlines() == [f"{needle} (see --help)"]
+  assert out.stdout == "" and sorted(p.name for p in tmp_path.iterdir()) == [
+      "experiments"]
+
+
+def test_quickstart_help_is_its_header_comment():
+  out = subprocess.run(["bash", str(ROOT / "experiments/quickstart.sh"),
+                        "--help"], capture_output=True, text=True)
+  assert out.returncode == 0
+  lines = out.stdout.splitlines()
+  assert "--minutes N" in lines[2] and all(l.startswith("#") for l in lines)
