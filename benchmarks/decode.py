@@ -2,7 +2,8 @@
 
     python -m benchmarks.decode [--workdir=<trained run>] [--num_verses=1063]
         [--batch_size=64] [--recompute_verses=64] [--repeats=3]
-        [--methods=greedy,greedy_all_rows,greedy_one_loop,beam4,beam4_all_rows,beam4_one_loop]
+        [--methods=greedy,greedy_all_rows,greedy_at_growth,greedy_one_loop,
+                   beam4,beam4_all_rows,beam4_at_growth,beam4_one_loop]
     python -m benchmarks.decode --workdir=<trained run> --ctranslate2 [--repeats=3]
         [--devices=1,2]
 
@@ -27,9 +28,11 @@ model) if given, else replaced by synthetic sources of the same length
 distribution (noted).
 Each method decodes every batch once untimed (compiling each cache length
 and batch size it reaches), then each of --repeats repetitions times every
-method once, in turn; the table gives medians. ``*_all_rows`` is the same search keeping the
-rows that have ended in the batch to its end (no compaction between
-segments), ``*_one_loop`` the same search in one loop over a cache of the
+method once, in turn; the table gives medians. ``*_all_rows`` is the same
+search keeping the rows that have ended in the batch to its end (no
+compaction between segments), ``*_at_growth`` the same search looking for
+ended rows only where the cache grows (not every ``decoding.COMPACT_EVERY``
+steps), ``*_one_loop`` the same search in one loop over a cache of the
 batch's whole limit (the form before caches grew to the filled length):
 same tokens, side by side.
 The cache ratio compares greedy search with the KV cache against greedy
@@ -225,19 +228,25 @@ def _time_alternating(fns, batches, repeats: int):
 
 # The searches timed, by --methods name: the default, over caches that grow
 # to the filled length and dropping ended rows between segments; the same
-# keeping every row to the end (``*_all_rows``); and the one-loop form over a
-# cache of the batch's whole limit (the implementation before both, same
-# tokens), side by side.
+# keeping every row to the end (``*_all_rows``); the same checking for ended
+# rows only where the cache grows (``*_at_growth``, the form before
+# ``decoding.COMPACT_EVERY``); and the one-loop form over a cache of the
+# batch's whole limit (the implementation before all three, same tokens),
+# side by side.
 SEARCHES = {
     "greedy": lambda c, p, src: decoding.greedy_search(c, p, src),
     "greedy_all_rows": lambda c, p, src: decoding.greedy_search(
         c, p, src, compact_rows=False),
+    "greedy_at_growth": lambda c, p, src: decoding.greedy_search(
+        c, p, src, compact_every=0),
     "greedy_one_loop": lambda c, p, src: decoding.greedy_search(
         c, p, src, grow_cache=False),
     "beam4": lambda c, p, src: decoding.beam_search(
         c, p, src, beam_size=4, alpha=0.6).sequences[:, 0],
     "beam4_all_rows": lambda c, p, src: decoding.beam_search(
         c, p, src, beam_size=4, alpha=0.6, compact_rows=False).sequences[:, 0],
+    "beam4_at_growth": lambda c, p, src: decoding.beam_search(
+        c, p, src, beam_size=4, alpha=0.6, compact_every=0).sequences[:, 0],
     "beam4_one_loop": lambda c, p, src: decoding.beam_search(
         c, p, src, beam_size=4, alpha=0.6, grow_cache=False).sequences[:, 0],
 }

@@ -12,8 +12,9 @@ whole limit: the same tokens, in one loop that an outer ``jax.jit`` can
 trace (the default reads each row's "ended?" on the host between segments).
 Between segments, greedy and beam search also drop the rows (sentences)
 whose search has ended once at most half are still decoding
-(``compacted_rows``; ``compact_rows=False`` keeps them): the long tail of a
-batch then runs at a half or a quarter of its rows. The tokens are those of
+(``compacted_rows``; ``compact_rows=False`` keeps them), checking every
+``COMPACT_EVERY`` steps: the long tail of a batch then runs at a half or a
+quarter of its rows. The tokens are those of
 the whole batch as long as a matmul's rows do not depend on how many rows
 it has (measured identical on this CPU; other kernels may round differently).
 
@@ -126,6 +127,13 @@ def _cache_len(cache) -> int:
 # Only in a single process: a multi-host search's row flags and outputs
 # stay where they are (its scalar "all ended?" is all the host reads).
 _MIN_ROWS_DIVISOR = 4
+# With compaction, a cache length's steps run in segments of at most this
+# many steps, the host checking for ended rows after each (one sync and a
+# segment launch: ~1% of 8 steps of 64 rows here); the segment's stop is a
+# traced argument, so they share the cache length's program. The rows that
+# end early in a batch stop costing within 8 steps, not at the next growth
+# of the cache (16, 32, 64, ...), as CTranslate2 drops them at every step.
+COMPACT_EVERY = 8
 
 
 def compacted_rows(alive: int, rows: int, first_rows: int) -> int:
@@ -173,39 +181,52 @@ def _put_rows(full, part, rows, batch: int):
 
 def _run_segments(start, segment, rows_done, src, outputs,
                   max_decode_len: int, grow: bool, compact: bool,
-                  beam_size: int = 1):
+                  beam_size: int = 1, compact_every: int = COMPACT_EVERY):
   """Runs a search segment by segment over growing caches.
 
-  start(cache_len) -> state (with a ``cache``); segment(state, src) ->
-  state, the steps its cache has room for, or fewer if every row ends;
-  rows_done(state) -> bool [rows]: the rows whose search has ended (their
-  state no longer changes). Between segments the host reads rows_done (one
-  sync a segment), grows the caches and, with ``compact``, drops ended rows
-  (``compacted_rows``): a step then costs the rows still decoding, not the
-  batch. Returns {name: state[name] for name in outputs}, each [batch, ...]
-  in src's row order. Where rows were dropped, each row's last state is
-  gathered on the host (where a multi-host search's replicated outputs are
-  read anyway) and the result is a new array on the default device.
+  start(cache_len) -> state (with a ``cache``); segment(state, src, stop) ->
+  state, run to step ``stop`` or the end of its cache's room, or fewer steps
+  if every row ends; rows_done(state) -> bool [rows]: the rows whose search
+  has ended (their state no longer changes). Between segments the host
+  reads rows_done (one sync a segment), grows the caches and, with
+  ``compact``, drops ended rows (``compacted_rows``): a step then costs the
+  rows still decoding, not the batch. With ``compact`` a cache length's
+  steps run in segments of ``compact_every`` steps (0: one segment per
+  cache length). Returns {name: state[name] for name in outputs}, each
+  [batch, ...] in src's row order. Where rows were dropped, each row's last
+  state is gathered on the host (where a multi-host search's replicated
+  outputs are read anyway) and the result is a new array on the default
+  device.
   """
+  if compact_every < 0:
+    raise ValueError(f"compact_every must be >= 0, got {compact_every}")
   lengths = cache_lengths(max_decode_len, grow)
-  state = segment(start(lengths[0]), src)
   batch = src.shape[0]
   rows = np.arange(batch)   # the src row of each row of state
   full = None               # outputs of rows dropped so far
-  compact = compact and jax.process_count() == 1
-  for length in lengths[1:]:
-    done = rows_done(state)
-    if isinstance(done, jax.core.Tracer):
-      raise ValueError("a search over growing caches decides between its "
-                       "segments on the host; under jax.jit pass "
-                       "grow_cache=False")
-    if not compact:
-      if bool(jnp.all(done)):
+  compact = compact and grow and jax.process_count() == 1
+  every = compact_every if compact else 0
+  state, step = start(lengths[0]), 0
+  for i, length in enumerate(lengths):
+    if i:
+      state = dict(state, cache=_grow_cache(state["cache"], length))
+    while step < length:
+      step = min(length, step + every) if every else length
+      state = segment(state, src, np.int32(step))
+      if step >= max_decode_len:  # every row has reached its limit
         break
-    else:
+      done = rows_done(state)
+      if isinstance(done, jax.core.Tracer):
+        raise ValueError("a search over growing caches decides between its "
+                         "segments on the host; under jax.jit pass "
+                         "grow_cache=False")
+      if not compact:
+        if bool(jnp.all(done)):
+          return _gathered(full, state, outputs, rows, batch)
+        continue
       done = np.asarray(done)
       if done.all():
-        break
+        return _gathered(full, state, outputs, rows, batch)
       alive = int((~done).sum())
       size = compacted_rows(alive, len(rows), batch)
       if size < len(rows):
@@ -215,8 +236,12 @@ def _run_segments(start, segment, rows_done, src, outputs,
         state, src = _take_rows(state, src, keep.astype(np.int32),
                                 beam_size=beam_size)
         rows = rows[keep]
-    state = segment(dict(state, cache=_grow_cache(state["cache"], length)),
-                    src)
+  return _gathered(full, state, outputs, rows, batch)
+
+
+def _gathered(full, state, outputs, rows, batch: int):
+  """{name: [batch, ...]}: state's outputs, with the rows dropped earlier
+  (``full``, host copies, or None) put back in src's row order."""
   last = {k: state[k] for k in outputs}
   if full is None:
     return last
@@ -365,14 +390,16 @@ def _one_hypothesis_start(config, params, src, *, cache_len: int,
 
 @functools.partial(jax.jit, static_argnames=("config", "choose", "use_cache"),
                    donate_argnames=("state",))
-def _one_hypothesis_segment(config, params, src, state, knobs, *,
+def _one_hypothesis_segment(config, params, src, state, knobs, stop, *,
                             choose: Callable, use_cache: bool):
-  """The steps the cache has room for, token by token, until every row ends.
+  """Token by token, until step ``stop`` (int32 scalar), the end of the
+  cache's room, or every row has ended.
 
   ``choose(logits [b, V], step, knobs) -> [b]`` picks each row's token.
   """
   max_decode_len = state["seqs"].shape[1] - 1
-  end = _cache_len(state["cache"]) if use_cache else max_decode_len
+  end = jnp.minimum(stop, _cache_len(state["cache"]) if use_cache
+                    else max_decode_len)
   encoded, limits = state["encoded"], state["limits"]
 
   def cond(state):
@@ -399,18 +426,20 @@ def _one_hypothesis_segment(config, params, src, state, knobs, *,
 
 def _one_hypothesis_loop(config, params, src, choose: Callable, knobs,
                          max_extra_len: int, use_cache: bool,
-                         grow_cache: bool, compact_rows: bool):
+                         grow_cache: bool, compact_rows: bool,
+                         compact_every: int = COMPACT_EVERY):
   """Token-by-token decoding: int32 [batch, max_decode_len]."""
   max_decode_len = _max_decode_len(config, src, max_extra_len)
   out = _run_segments(
       lambda cache_len: _one_hypothesis_start(
           config, params, src, cache_len=cache_len,
           max_extra_len=max_extra_len, use_cache=use_cache),
-      lambda state, src: _one_hypothesis_segment(
-          config, params, src, state, knobs, choose=choose,
+      lambda state, src, stop: _one_hypothesis_segment(
+          config, params, src, state, knobs, stop, choose=choose,
           use_cache=use_cache),
       lambda state: state["finished"], src, ("seqs",),
-      max_decode_len, grow_cache and use_cache, compact_rows)
+      max_decode_len, grow_cache and use_cache, compact_rows,
+      compact_every=compact_every)
   return out["seqs"][:, 1:]
 
 
@@ -427,19 +456,21 @@ def _draw(logits, step, knobs):
 
 def greedy_search(config: TransformerConfig, params, src, *,
                   max_extra_len: int = 50, use_cache: bool = True,
-                  grow_cache: bool = True, compact_rows: bool = True):
+                  grow_cache: bool = True, compact_rows: bool = True,
+                  compact_every: int = COMPACT_EVERY):
   """Argmax decoding: int32 [batch, max_decode_len] (see module docstring).
 
   use_cache=False recomputes the decoder over the whole prefix at each step
   (same tokens, much slower): the reference the cache is measured against.
   grow_cache=False: one loop over a cache of the whole limit (jittable).
   compact_rows=False keeps ended rows in the batch to the end (the same
-  tokens, see the module docstring and ``compacted_rows``).
+  tokens, see the module docstring and ``compacted_rows``); compact_every:
+  the steps between checks for ended rows (0: only where the cache grows).
   """
   src = jnp.asarray(src, jnp.int32)
   return _one_hypothesis_loop(config, params, src, _argmax, None,
                               max_extra_len, use_cache, grow_cache,
-                              compact_rows)
+                              compact_rows, compact_every)
 
 
 def sample(config: TransformerConfig, params, src, rng, *,
@@ -503,9 +534,11 @@ def _beam_start(config, params, src, *, beam_size: int, cache_len: int,
   """The first state of beam search: only beam 0 of each row alive."""
   batch = src.shape[0]
   max_decode_len, limits = decode_limits(config, src, max_extra_len)
-  # The encoder runs once; its output is repeated for the beams of each row
-  # (row-major: flat row b * beam_size + k is beam k of sentence b).
-  encoded = jnp.repeat(_encode(config, params, src), beam_size, axis=0)
+  # The encoder and the cross-attention projections run once per sentence;
+  # their outputs are repeated for its beams (row-major: flat row
+  # b * beam_size + k is beam k of sentence b).
+  encoded_once = _encode(config, params, src)
+  encoded = jnp.repeat(encoded_once, beam_size, axis=0)
   seq_shape = (batch, beam_size, max_decode_len + 1)  # column 0: start token
   # Only beam 0 starts alive; the others at -inf never become duplicates.
   alive_log_probs = jnp.where(jnp.arange(beam_size) == 0, 0.0, NEG_INF)
@@ -517,7 +550,8 @@ def _beam_start(config, params, src, *, beam_size: int, cache_len: int,
       finished_scores=jnp.full((batch, beam_size), NEG_INF),
       num_finished=jnp.zeros((batch,), jnp.int32),
       encoded=encoded, limits=limits,
-      cache=init_cache(config, params, encoded, cache_len))
+      cache=init_cache(config, params, encoded_once, cache_len,
+                       repeat=beam_size))
 
 
 def _rows_done(state, beam_size: int):
@@ -529,14 +563,16 @@ def _rows_done(state, beam_size: int):
 
 @functools.partial(jax.jit, static_argnames=("config", "beam_size"),
                    donate_argnames=("state",))
-def _beam_segment(config, params, src, state, alpha, *, beam_size: int):
-  """The steps the cache has room for, until every row is done.
+def _beam_segment(config, params, src, state, alpha, stop, *,
+                  beam_size: int):
+  """Until step ``stop`` (int32 scalar), the end of the cache's room, or
+  every row is done.
 
   alpha: a traced float32, so every length penalty shares one compilation.
   """
   batch = src.shape[0]
   vocab = config.output_vocab_size
-  end = _cache_len(state["cache"])
+  end = jnp.minimum(stop, _cache_len(state["cache"]))
   encoded, limits = state["encoded"], state["limits"]
   flat_src = jnp.repeat(src, beam_size, axis=0)
 
@@ -595,8 +631,8 @@ def _beam_segment(config, params, src, state, alpha, *, beam_size: int):
 
 def beam_search(config: TransformerConfig, params, src, *, beam_size: int = 4,
                 alpha: float = 0.6, max_extra_len: int = 50,
-                grow_cache: bool = True,
-                compact_rows: bool = True) -> BeamSearchResult:
+                grow_cache: bool = True, compact_rows: bool = True,
+                compact_every: int = COMPACT_EVERY) -> BeamSearchResult:
   """Beam search with the GNMT length penalty (the paper: beam 4, alpha 0.6).
 
   Each row keeps a beam of ``beam_size`` hypotheses. At each step every
@@ -611,7 +647,8 @@ def beam_search(config: TransformerConfig, params, src, *, beam_size: int = 4,
   is an exhaustive search. grow_cache=False: one loop over a cache of the
   whole limit (jittable). compact_rows=False keeps the sentences that have
   ended in the batch to the end (the same result, see the module docstring
-  and ``compacted_rows``).
+  and ``compacted_rows``); compact_every: the steps between checks for
+  ended sentences (0: only where the cache grows).
 
   Returns sequences [batch, beam, max_decode_len] and their scores
   [batch, beam], best first (the first is the translation). Slots of rows
@@ -625,12 +662,12 @@ def beam_search(config: TransformerConfig, params, src, *, beam_size: int = 4,
       lambda cache_len: _beam_start(config, params, src, beam_size=beam_size,
                                     cache_len=cache_len,
                                     max_extra_len=max_extra_len),
-      lambda state, src: _beam_segment(config, params, src, state,
-                                       jnp.float32(alpha),
-                                       beam_size=beam_size),
+      lambda state, src, stop: _beam_segment(config, params, src, state,
+                                             jnp.float32(alpha), stop,
+                                             beam_size=beam_size),
       lambda state: _rows_done(state, beam_size), src,
       ("finished_seqs", "finished_scores"), max_decode_len, grow_cache,
-      compact_rows, beam_size)
+      compact_rows, beam_size, compact_every)
   # Every row has at least one finished hypothesis: the limit forces eos.
   return BeamSearchResult(out["finished_seqs"][:, :, 1:],
                           out["finished_scores"])

@@ -256,7 +256,7 @@ def init_params(config: TransformerConfig, rng, src_len: int = 8,
 
 
 def init_cache(config: TransformerConfig, params, encoded,
-               max_decode_len: int) -> Any:
+               max_decode_len: int, repeat: int = 1) -> Any:
   """The cache of ``Transformer(config, use_cache=True)`` for one batch.
 
   encoded: the encoder output [batch, src_len, d_model]. Self-attention
@@ -264,9 +264,13 @@ def init_cache(config: TransformerConfig, params, encoded,
   searches pass their first cache length and pad the cache as it fills:
   ``decoding.cache_lengths``); the
   cross-attention keys/values are projected from ``encoded`` here, once.
+  repeat: the cache is for batch * repeat rows, each sentence's ``repeat``
+  rows in a row (beam search's beams), the cross-attention keys/values
+  projected once per sentence and repeated (not projected per beam).
   """
   model = Transformer(config, use_cache=True)
   batch_size, src_len, _ = encoded.shape
+  batch_size *= repeat
   src = jnp.ones((batch_size, src_len), jnp.int32)
   tgt = jnp.ones((batch_size, max_decode_len), jnp.int32)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), src, tgt))
@@ -274,8 +278,10 @@ def init_cache(config: TransformerConfig, params, encoded,
                        nn.unbox(shapes["cache"]))
   for i in range(config.num_decoder_layers):
     layer = f"layers_{i}"
-    key, value = layers.cross_keys_values(
-        config, params["decoder"][layer]["cross_attention"], encoded)
+    key, value = (jnp.repeat(x, repeat, axis=0)
+                  for x in layers.cross_keys_values(
+                      config, params["decoder"][layer]["cross_attention"],
+                      encoded))
     cache["decoder"][layer]["cross_attention"] = {"cross_key": key,
                                                   "cross_value": value}
   return cache

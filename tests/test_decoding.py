@@ -364,3 +364,48 @@ def test_dropping_ended_rows_gives_the_tokens_of_the_whole_batch(
                                 np.asarray(beams[1].sequences))
   np.testing.assert_allclose(np.asarray(beams[0].scores),
                              np.asarray(beams[1].scores), rtol=1e-6)
+
+
+def test_ended_rows_are_dropped_every_compact_every_steps(params, monkeypatch):
+  # Limits (source length + 10): five short rows 13, two middle ones 22, one
+  # long one 40; caches of 16, 32 and 40 positions. Checked every 8 steps,
+  # the short rows go at step 16 (batch of 4: the three still decoding and
+  # row 0 as padding) and the middle ones at step 24, inside the 32-position
+  # cache; checked only where the cache grows, the middle ones stay to step
+  # 32. Both give the tokens of the whole batch.
+  rng = np.random.RandomState(5)
+  lengths = [3, 12, 3, 3, 12, 3, 30, 3]
+  src = np.full((8, 30), PAD_ID)
+  for row, length in enumerate(lengths):
+    src[row, :length] = rng.randint(2, CONFIG.vocab_size, size=length)
+  src = jnp.asarray(src, jnp.int32)
+  taken = []
+  take = decoding._take_rows
+  def counted(state, src, keep, **kw):
+    taken.append((int(state["step"]), np.asarray(keep).tolist()))
+    return take(state, src, keep, **kw)
+  monkeypatch.setattr(decoding, "_take_rows", counted)
+  whole = np.asarray(decoding.greedy_search(CONFIG, params, src,
+                                            max_extra_len=10,
+                                            compact_rows=False))
+  ends = [(row == EOS_ID).argmax() + 1 for row in whole]  # tokens with eos
+  assert ends == [13, 22, 13, 13, 22, 13, 40, 13]  # each row at its limit
+  # Every 5: checks at 5, 10, 15, 16 (the cache grows), 21, 26, ...
+  for every, steps in ((8, [16, 24]), (4, [16, 24]), (0, [16, 32]),
+                       (5, [15, 26])):
+    taken.clear()
+    greedy = decoding.greedy_search(CONFIG, params, src, max_extra_len=10,
+                                    compact_every=every)
+    assert taken == list(zip(steps, [[0, 1, 4, 6], [0, 3]])), every
+    np.testing.assert_array_equal(np.asarray(greedy), whole)
+  taken.clear()
+  beams = [decoding.beam_search(CONFIG, params, src, beam_size=3,
+                                max_extra_len=10, compact_rows=compact)
+           for compact in (True, False)]
+  assert [step for step, _ in taken] == [16, 24]
+  np.testing.assert_array_equal(np.asarray(beams[0].sequences),
+                                np.asarray(beams[1].sequences))
+  np.testing.assert_allclose(np.asarray(beams[0].scores),
+                             np.asarray(beams[1].scores), rtol=1e-6)
+  with pytest.raises(ValueError, match="compact_every"):
+    decoding.greedy_search(CONFIG, params, src, compact_every=-1)

@@ -204,6 +204,26 @@ def test_cached_one_token_decoding_equals_teacher_forcing(params):
   np.testing.assert_allclose(np.stack(steps, 1), teacher, atol=1e-5, rtol=1e-5)
 
 
+def test_a_repeated_cache_projects_each_sentence_once(params):
+  # Beam search's cache: each sentence's cross-attention keys and values
+  # repeated for its beams, against projecting the repeated encoder output.
+  rng = np.random.default_rng(5)
+  src = np.pad(random_tokens(rng, (2, 6)), ((0, 0), (0, 2)))
+  encoded = Transformer(TINY).apply({"params": params}, src,
+                                    method=Transformer.encode)
+  repeated = init_cache(TINY, params, encoded, max_decode_len=5, repeat=3)
+  reference = init_cache(TINY, params, np.repeat(encoded, 3, axis=0),
+                         max_decode_len=5)
+  leaves = jax.tree_util.tree_leaves_with_path(repeated)
+  assert len(leaves) == len(jax.tree_util.tree_leaves(reference))
+  for (path, got), want in zip(leaves, jax.tree_util.tree_leaves(reference)):
+    assert got.shape == want.shape, path
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6,
+                               err_msg=str(path))
+  key = repeated["decoder"]["layers_0"]["cross_attention"]["cross_key"]
+  assert key.shape[0] == 6 and np.abs(np.asarray(key)).max() > 0
+
+
 def test_dropout_uses_the_rng_only_in_training_mode(params):
   rng = np.random.default_rng(4)
   src, tgt = random_tokens(rng, (2, 6)), random_tokens(rng, (2, 5))
