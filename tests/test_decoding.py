@@ -323,6 +323,24 @@ def test_compacted_rows_halve_while_the_alive_rows_fit():
   assert decoding.compacted_rows(1, 1, 1) == 1
 
 
+def _random_sources(lengths, seed: int, width: int = 30):
+  """Random source rows of the given lengths, PAD_ID after them."""
+  rng = np.random.RandomState(seed)
+  src = np.full((len(lengths), width), PAD_ID)
+  for row, length in enumerate(lengths):
+    src[row, :length] = rng.randint(2, CONFIG.vocab_size, size=length)
+  return jnp.asarray(src, jnp.int32)
+
+
+def _record_takes(monkeypatch, record):
+  """Calls record(step, kept rows as a list) at every compaction."""
+  take = decoding._take_rows
+  def counted(state, src, keep, **kw):
+    record(int(state["step"]), np.asarray(keep).tolist())
+    return take(state, src, keep, **kw)
+  monkeypatch.setattr(decoding, "_take_rows", counted)
+
+
 def test_dropping_ended_rows_gives_the_tokens_of_the_whole_batch(
     params, monkeypatch):
   # Limits (source length + 10): five short rows 13, two middle ones 30,
@@ -330,18 +348,9 @@ def test_dropping_ended_rows_gives_the_tokens_of_the_whole_batch(
   # the 3 rows still decoding run as a batch of 4 (with the first ended row
   # as padding), after the second the long row as a batch of 2. Every search
   # must give what the whole batch gives, in the batch's row order.
-  rng = np.random.RandomState(3)
-  lengths = [3, 20, 3, 3, 20, 3, 30, 3]
-  src = np.full((8, 30), PAD_ID)
-  for row, length in enumerate(lengths):
-    src[row, :length] = rng.randint(2, CONFIG.vocab_size, size=length)
-  src = jnp.asarray(src, jnp.int32)
+  src = _random_sources([3, 20, 3, 3, 20, 3, 30, 3], seed=3)
   taken = []
-  take = decoding._take_rows
-  def counted(state, src, keep, **kw):
-    taken.append(np.asarray(keep).tolist())
-    return take(state, src, keep, **kw)
-  monkeypatch.setattr(decoding, "_take_rows", counted)
+  _record_takes(monkeypatch, lambda step, keep: taken.append(keep))
   # Indices into the batch of the moment: rows 1, 4, 6 plus row 0; then
   # that batch's rows 3 (the long row 6) and 0 (row 0 again, padding).
   compactions = [[0, 1, 4, 6], [0, 3]]
@@ -373,18 +382,9 @@ def test_ended_rows_are_dropped_every_compact_every_steps(params, monkeypatch):
   # row 0 as padding) and the middle ones at step 24, inside the 32-position
   # cache; checked only where the cache grows, the middle ones stay to step
   # 32. Both give the tokens of the whole batch.
-  rng = np.random.RandomState(5)
-  lengths = [3, 12, 3, 3, 12, 3, 30, 3]
-  src = np.full((8, 30), PAD_ID)
-  for row, length in enumerate(lengths):
-    src[row, :length] = rng.randint(2, CONFIG.vocab_size, size=length)
-  src = jnp.asarray(src, jnp.int32)
+  src = _random_sources([3, 12, 3, 3, 12, 3, 30, 3], seed=5)
   taken = []
-  take = decoding._take_rows
-  def counted(state, src, keep, **kw):
-    taken.append((int(state["step"]), np.asarray(keep).tolist()))
-    return take(state, src, keep, **kw)
-  monkeypatch.setattr(decoding, "_take_rows", counted)
+  _record_takes(monkeypatch, lambda step, keep: taken.append((step, keep)))
   whole = np.asarray(decoding.greedy_search(CONFIG, params, src,
                                             max_extra_len=10,
                                             compact_rows=False))
