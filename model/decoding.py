@@ -204,7 +204,10 @@ def _run_segments(start, segment, rows_done, src, outputs,
   batch = src.shape[0]
   rows = np.arange(batch)   # the src row of each row of state
   full = None               # outputs of rows dropped so far
-  compact = compact and grow and jax.process_count() == 1
+  # Under an outer jax.jit nothing can be read between segments: one
+  # segment per cache length, which works while there is only one.
+  traced = isinstance(src, jax.core.Tracer)
+  compact = compact and grow and not traced and jax.process_count() == 1
   every = compact_every if compact else 0
   state, step = start(lengths[0]), 0
   for i, length in enumerate(lengths):

@@ -302,6 +302,13 @@ def test_growing_caches_under_jit_ask_for_one_loop(params, src):
   with pytest.raises(ValueError, match="grow_cache=False"):
     jax.jit(lambda p, s: decoding.greedy_search(CONFIG, p, s,
                                                 max_extra_len=30))(params, src)
+  # A limit that fits the first cache (16) needs no host read: it jits as it is.
+  short = jax.jit(lambda p, s: decoding.greedy_search(CONFIG, p, s[:, :4],
+                                                      max_extra_len=10))
+  np.testing.assert_array_equal(
+      np.asarray(short(params, src)),
+      np.asarray(decoding.greedy_search(CONFIG, params, src[:, :4],
+                                        max_extra_len=10, grow_cache=False)))
   jitted = jax.jit(lambda p, s: decoding.greedy_search(
       CONFIG, p, s, max_extra_len=30, grow_cache=False))(params, src)
   np.testing.assert_array_equal(

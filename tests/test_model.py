@@ -204,7 +204,7 @@ def test_cached_one_token_decoding_equals_teacher_forcing(params):
   np.testing.assert_allclose(np.stack(steps, 1), teacher, atol=1e-5, rtol=1e-5)
 
 
-def test_a_repeated_cache_projects_each_sentence_once(params):
+def test_a_repeated_cache_equals_the_cache_of_repeated_rows(params):
   # Beam search's cache: each sentence's cross-attention keys and values
   # repeated for its beams, against projecting the repeated encoder output.
   rng = np.random.default_rng(5)
