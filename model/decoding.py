@@ -204,12 +204,16 @@ def _run_segments(start, segment, rows_done, src, outputs,
   batch = src.shape[0]
   rows = np.arange(batch)   # the src row of each row of state
   full = None               # outputs of rows dropped so far
+  state, step = start(lengths[0]), 0
   # Under an outer jax.jit nothing can be read between segments: one
   # segment per cache length, which works while there is only one.
-  traced = isinstance(src, jax.core.Tracer)
+  traced = isinstance(state["step"], jax.core.Tracer)
+  if traced and len(lengths) > 1:
+    raise ValueError("a search over growing caches decides between its "
+                     "segments on the host; under jax.jit pass "
+                     "grow_cache=False")
   compact = compact and grow and not traced and jax.process_count() == 1
   every = compact_every if compact else 0
-  state, step = start(lengths[0]), 0
   for i, length in enumerate(lengths):
     if i:
       state = dict(state, cache=_grow_cache(state["cache"], length))
@@ -219,17 +223,12 @@ def _run_segments(start, segment, rows_done, src, outputs,
       if step >= max_decode_len:  # every row has reached its limit
         break
       done = rows_done(state)
-      if isinstance(done, jax.core.Tracer):
-        raise ValueError("a search over growing caches decides between its "
-                         "segments on the host; under jax.jit pass "
-                         "grow_cache=False")
-      if not compact:
-        if bool(jnp.all(done)):
-          return _gathered(full, state, outputs, rows, batch)
-        continue
-      done = np.asarray(done)
-      if done.all():
+      if compact:
+        done = np.asarray(done)
+      if bool(done.all()):
         return _gathered(full, state, outputs, rows, batch)
+      if not compact:
+        continue
       alive = int((~done).sum())
       size = compacted_rows(alive, len(rows), batch)
       if size < len(rows):
