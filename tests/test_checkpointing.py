@@ -183,6 +183,13 @@ def test_incompatible_config_names_the_fields(tmp_path):
   other.optimizer.learning_rate_scale = 3.0
   checkpointing.check_compatible(
       ckpt, 5, checkpointing.config_record(other, model_config))
+  # So do the dropout rates: no param or state depends on them.
+  fatal, changes = checkpointing.compare_configs(
+      saved, checkpointing.config_record(config, model_config.replace(
+          dropout_rate=0.3, attention_dropout_rate=0.2)))
+  assert fatal == []
+  assert [c.split(":")[0] for c in changes] == [
+      "model.attention_dropout_rate", "model.dropout_rate"]
   bad = _config()
   bad.optimizer.grad_accum_steps = 4
   with pytest.raises(checkpointing.IncompatibleCheckpointError) as error:

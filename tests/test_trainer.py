@@ -228,6 +228,76 @@ def test_budget_timing_must_end_inside_the_warmup():
   assert not trainer.plans_steps_from_time(config)
 
 
+def test_dropout_for_length_by_hand():
+  from experiments.configs import bible_es_en
+  from train import trainer
+  config = bible_es_en.get_config()
+  config.long_run_steps, config.long_run_dropout_rate = 2750, 0.1
+  assert config.model.dropout_rate == 0.0
+  assert trainer.dropout_for_length(config, 2749) == 0.0
+  assert trainer.dropout_for_length(config, 2750) == 0.1
+  config.long_run_steps = 0   # never
+  assert trainer.dropout_for_length(config, 10**6) == 0.0
+  # Only a budget leaves the length open, and only where it could reach
+  # long_run_steps and the rate would change.
+  config.long_run_steps = 2750
+  assert not trainer.decides_dropout_from_time(config)   # no max_minutes
+  config.max_minutes = 30.0
+  assert trainer.decides_dropout_from_time(config)
+  config.num_train_steps = 2000
+  assert not trainer.decides_dropout_from_time(config)
+  config.num_train_steps, config.model.dropout_rate = 100_000, 0.1
+  assert not trainer.decides_dropout_from_time(config)
+
+
+def test_a_budget_long_enough_turns_the_long_run_dropout_on(tmp_path):
+  # Dropout 0 while steps 2-4 are timed; the 60-minute budget holds far
+  # more than long_run_steps=8, so dropout 0.1 from step 5 on. The same run
+  # built another way: 4 steps with no budget and dropout 0 (12 steps would
+  # reach long_run_steps: 4 do not), resumed to a 12-step length, which
+  # does (dropout 0.1 from its first step, 5).
+  common = {"synthetic_data": True, "log_every_steps": 1,
+            "eval_every_steps": 10**6, "num_eval_batches": 1,
+            "checkpoint_every_steps": 10**6, "budget_timing_steps": 3,
+            "model.dropout_rate": 0.0, "long_run_steps": 8,
+            "long_run_dropout_rate": 0.1}
+  timed, built = tmp_path / "timed", tmp_path / "built"
+  a = _start(timed, max_minutes=60, num_train_steps=12, **common)
+  b = _start(built, num_train_steps=4, **common)
+  (rc_a, out_a, err_a), (rc_b, _, err_b) = _finish(a), _finish(b)
+  assert rc_a == 0, err_a[-3000:]
+  assert rc_b == 0, err_b[-3000:]
+  assert "timing steps 2-4 to choose the dropout" in out_a
+  assert re.search(r"the budget holds ~\d+ steps, so dropout 0.1 from step "
+                   r"5 \(a run of long_run_steps=8 or more\)", out_a), out_a
+  assert json.loads((timed / "config.json").read_text())["model"][
+      "dropout_rate"] == 0.1
+  assert json.loads((built / "config.json").read_text())["model"][
+      "dropout_rate"] == 0.0
+  rc, _, err = _finish(_start(built, num_train_steps=12, **common))
+  assert rc == 0, err[-3000:]
+  assert json.loads((built / "config.json").read_text())["model"][
+      "dropout_rate"] == 0.1
+  losses = _train_losses(timed)
+  assert sorted(losses) == list(range(1, 13))
+  assert losses == _train_losses(built)
+  # A long run resumed under a budget keeps its dropout: nothing to time.
+  rc, out, err = _finish(_start(timed, max_minutes=60, num_train_steps=14,
+                                **common))
+  assert rc == 0, err[-3000:]
+  assert "Dropout 0.1: the checkpoint of step 12 trained with" in out
+  assert "timing steps" not in out
+  assert sorted(_train_losses(timed)) == list(range(1, 15))
+  # Dropout changed the steps after 4: a run without it parts from them.
+  plain = tmp_path / "plain"
+  rc, _, err = _finish(_start(plain, num_train_steps=6,
+                              **dict(common, long_run_steps=0)))
+  assert rc == 0, err[-3000:]
+  without = _train_losses(plain)
+  assert all(without[s] == losses[s] for s in range(1, 5))
+  assert all(without[s] != losses[s] for s in (5, 6))
+
+
 def test_budget_fixes_the_step_count_of_a_decaying_schedule(tmp_path):
   # A linear schedule with a 60-minute budget times steps 2-4 (inside the
   # 6-step warm-up) and a validation pass, then fixes the step count: here

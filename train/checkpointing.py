@@ -135,13 +135,20 @@ def _structural(experiment: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
+# Model fields that only change how training perturbs the activations, not
+# the params or the state: a run may resume with other values (a run that
+# turns long gets its dropout then, trainer.dropout_for_length).
+TRAINING_ONLY_MODEL_FIELDS = ("dropout_rate", "attention_dropout_rate",
+                              "dropout_impl")
+
+
 def compare_configs(saved: dict[str, Any], current: dict[str, Any]
                     ) -> tuple[list[str], list[str]]:
   """(mismatches that forbid resuming, other differences), as readable lines.
 
   saved / current: {"experiment": config dict, "model": TransformerConfig dict}.
   """
-  fatal = []
+  fatal, other = [], []
   # Through TransformerConfig: a field the checkpoint predates gets the value
   # the model had before the field existed.
   saved_model = TransformerConfig.from_dict(saved["model"]).to_dict()
@@ -149,12 +156,12 @@ def compare_configs(saved: dict[str, Any], current: dict[str, Any]
   for key in sorted(set(saved_model) | set(current_model)):
     a, b = saved_model.get(key), current_model.get(key)
     if a != b:
-      fatal.append(f"model.{key}: checkpoint {a!r}, config {b!r}")
+      (other if key in TRAINING_ONLY_MODEL_FIELDS else fatal).append(
+          f"model.{key}: checkpoint {a!r}, config {b!r}")
   sa, ca = _structural(saved["experiment"]), _structural(current["experiment"])
   for key in STRUCTURAL_FIELDS:
     if sa[key] != ca[key]:
       fatal.append(f"{key}: checkpoint {sa[key]!r}, config {ca[key]!r}")
-  other = []
   flat_a, flat_b = _flatten(saved["experiment"]), _flatten(current["experiment"])
   for key in sorted(set(flat_a) | set(flat_b)):
     if flat_a.get(key) != flat_b.get(key):

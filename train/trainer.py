@@ -281,6 +281,32 @@ def plans_steps_from_time(config) -> bool:
           config.optimizer.decay_steps == 0 and config.max_minutes > 0)
 
 
+def dropout_for_length(config, total_steps: int) -> float:
+  """model.dropout_rate for a run of ``total_steps`` steps.
+
+  A run of long_run_steps steps or more (0: never) trains with
+  long_run_dropout_rate: short runs see the training data a few times and
+  learn faster without dropout, long ones overfit without it.
+  """
+  if 0 < config.long_run_steps <= total_steps:
+    return config.long_run_dropout_rate
+  return config.model.dropout_rate
+
+
+def decides_dropout_from_time(config) -> bool:
+  """Whether this launch times its first steps to choose its dropout.
+
+  With a wall-time budget (max_minutes) the run's length is not known
+  before it starts: where num_train_steps could reach long_run_steps and
+  the two rates differ, the steps timed after the first (with
+  model.dropout_rate) tell how many the budget holds, and the run goes on
+  with ``dropout_for_length`` of that (its train step compiles again).
+  """
+  return (config.max_minutes > 0 and
+          0 < config.long_run_steps <= config.num_train_steps and
+          config.long_run_dropout_rate != config.model.dropout_rate)
+
+
 def with_provisional_length(config):
   """The config the timed steps run with: a decay too long to reach.
 
@@ -411,6 +437,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # margin): the stop keeps nothing back for them, so the run ends at the
   # step its schedule does.
   keep_back = not planned
+  if config.long_run_steps < 0:
+    raise ConfigError(f"config.long_run_steps={config.long_run_steps}: use a "
+                      "step count, or 0 for no long-run dropout")
+  if not 0.0 <= config.long_run_dropout_rate < 1.0:
+    raise ConfigError(f"config.long_run_dropout_rate="
+                      f"{config.long_run_dropout_rate}: a dropout rate lies in "
+                      "[0, 1)")
+  choose_dropout = decides_dropout_from_time(config)
+  if not choose_dropout:   # the length is known: num_train_steps
+    config.model.dropout_rate = dropout_for_length(config,
+                                                   config.num_train_steps)
   if planned:
     check_budget_timing(config)
   elif config.optimizer.schedule != "rsqrt" and config.optimizer.decay_steps == 0:
@@ -441,9 +478,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
   state = restore_or_init(ckpt, runner, train_iter, record, init_rng,
                           checkpoint_step, say)
+  step = int(jax.device_get(runner.state_for_checkpoint(state).step))
+  if choose_dropout and step > 0:
+    saved = ckpt.restore_config(step)["model"].get("dropout_rate")
+    if saved == config.long_run_dropout_rate:   # a long run stays one
+      choose_dropout = False
+      config.model.dropout_rate = saved
+      model_config = model_config_for(config, vocab_size)
+      record = checkpointing.config_record(config, model_config)
+      runner = make_runner(with_provisional_length(config) if planned
+                           else config, model_config)
+      say(f"Dropout {saved:g}: the checkpoint of step {step} trained with "
+          f"long_run_dropout_rate")
   save_config(record, workdir)  # only once the config is known to fit
   say(f"Model: {model_config}")
-  step = int(jax.device_get(runner.state_for_checkpoint(state).step))
   if planned and step > 0:
     saved = ckpt.restore_config(step)["experiment"]
     fixed = saved.get("optimizer", {}).get("decay_steps", 0)
@@ -472,8 +520,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   metrics, last_metrics, last_eval = StepMetrics(), {}, {}
   last_good = ckpt.latest_step()
   total = config.num_train_steps
-  timer = StepTimer(step, config.budget_timing_steps) if planned else None
-  if timer is not None:
+  timer = (StepTimer(step, config.budget_timing_steps)
+           if planned or choose_dropout else None)
+  if timer is not None and not planned:
+    say(f"Training for {config.max_minutes:g} min: timing steps {step + 2}-"
+        f"{timer.done_at} to choose the dropout ({model_config.dropout_rate:g}"
+        f", or {config.long_run_dropout_rate:g} "
+        f"if the budget holds long_run_steps={config.long_run_steps}; the "
+        "first step compiles, it can take a while)")
+  elif timer is not None:
     say(f"Training for {config.max_minutes:g} min: timing steps {step + 2}-"
         f"{timer.done_at} and a validation pass to fix the step count of the "
         f"{config.optimizer.schedule} schedule (the first step compiles; it "
@@ -491,7 +546,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         step += 1
         metrics.add(step, step_metrics)
         step_seconds = timer and timer.step_seconds(step, step_metrics)
-        if step_seconds:
+        if step_seconds and not planned:   # choose_dropout alone
+          fit = step + steps_in_budget(
+              stop.seconds_left() - stop.reserve, step_seconds, 0.0,
+              config.eval_every_steps, timer.compile_seconds)
+          if jax.process_count() > 1:  # every host trains the same steps
+            from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+            fit = int(multihost_utils.broadcast_one_to_all(np.int32(fit)))
+          rate = dropout_for_length(config, min(fit, config.num_train_steps))
+          timer = None
+          changes = rate is not None and rate != model_config.dropout_rate
+          say(f"Timed: {step_seconds:.2f} s a step: the budget holds ~{fit} "
+              "steps, so dropout "
+              f"{rate if changes else model_config.dropout_rate:g}" + (
+                  f" from step {step + 1} (a run of long_run_steps="
+                  f"{config.long_run_steps} or more)" if changes else ""))
+          if changes:
+            config.model.dropout_rate = rate
+            model_config = model_config_for(config, vocab_size)
+            record = checkpointing.config_record(config, model_config)
+            save_config(record, workdir)
+            runner = make_runner(config, model_config)  # compiles once more
+        elif step_seconds:
           eval_start = time.time()
           last_eval = evaluate_loss(runner, evaluated_params(state),
                                     eval_data, config.num_eval_batches)
@@ -510,6 +586,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 f"steps at {step_seconds:.2f} s a step, no more than "
                 f"optimizer.warmup_steps={config.optimizer.warmup_steps}: "
                 "raise max_minutes or lower warmup_steps")
+          if choose_dropout:
+            config.model.dropout_rate = dropout_for_length(config, total)
+            model_config = model_config_for(config, vocab_size)
           # The new runner's train step compiles once more.
           record, runner = fix_length(config, model_config, workdir, total)
           timer = None

@@ -131,6 +131,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_train_steps = 100_000
   c.max_minutes = 0.0
   c.budget_timing_steps = 20
+  # A run of long_run_steps steps or more (num_train_steps, or with
+  # max_minutes what the budget holds, timed as above; 0 = never) trains with
+  # model.dropout_rate = long_run_dropout_rate (train/trainer.py,
+  # dropout_for_length).
+  c.long_run_steps = 0
+  c.long_run_dropout_rate = 0.1
 
   # Loop cadence (in steps).
   c.log_every_steps = 50
