@@ -186,10 +186,12 @@ def test_incompatible_config_names_the_fields(tmp_path):
   # So do the dropout rates: no param or state depends on them.
   fatal, changes = checkpointing.compare_configs(
       saved, checkpointing.config_record(config, model_config.replace(
-          dropout_rate=0.3, attention_dropout_rate=0.2)))
+          dropout_rate=0.3, attention_dropout_rate=0.2,
+          dropout_impl="paired_bits")))
   assert fatal == []
   assert [c.split(":")[0] for c in changes] == [
-      "model.attention_dropout_rate", "model.dropout_rate"]
+      "model.attention_dropout_rate", "model.dropout_impl",
+      "model.dropout_rate"]
   bad = _config()
   bad.optimizer.grad_accum_steps = 4
   with pytest.raises(checkpointing.IncompatibleCheckpointError) as error:

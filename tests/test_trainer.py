@@ -229,10 +229,11 @@ def test_budget_timing_must_end_inside_the_warmup():
 
 
 def test_dropout_for_length_by_hand():
+  from model import ConfigError
   from experiments.configs import bible_es_en
   from train import trainer
   config = bible_es_en.get_config()
-  config.long_run_steps, config.long_run_dropout_rate = 2750, 0.1
+  assert (config.long_run_steps, config.long_run_dropout_rate) == (2750, 0.1)
   assert config.model.dropout_rate == 0.0
   assert trainer.dropout_for_length(config, 2749) == 0.0
   assert trainer.dropout_for_length(config, 2750) == 0.1
@@ -248,6 +249,29 @@ def test_dropout_for_length_by_hand():
   assert not trainer.decides_dropout_from_time(config)
   config.num_train_steps, config.model.dropout_rate = 100_000, 0.1
   assert not trainer.decides_dropout_from_time(config)
+  # None: the preset's rate (small: 0.1), the same as the long run's.
+  config.model.dropout_rate = None
+  assert trainer.configured_dropout(config) == 0.1
+  assert trainer.dropout_for_length(config, 10) == 0.1
+  assert not trainer.decides_dropout_from_time(config)
+  # Refused before any work: a budget that would fix a decaying schedule's
+  # length from steps timed at the other rate, no step to time, bad values.
+  config.model.dropout_rate = 0.0
+  trainer.check_long_run(config)
+  config.optimizer.schedule = "linear"
+  with pytest.raises(ConfigError, match="long_run_steps=2750 with a linear"):
+    trainer.check_long_run(config)
+  config.optimizer.decay_steps = 3000   # a fixed length: the dropout alone
+  trainer.check_long_run(config)
+  config.budget_timing_steps = 0
+  with pytest.raises(ConfigError, match="budget_timing_steps=0"):
+    trainer.check_long_run(config)
+  config.long_run_steps = -1
+  with pytest.raises(ConfigError, match="long_run_steps=-1"):
+    trainer.check_long_run(config)
+  config.long_run_steps, config.long_run_dropout_rate = 2750, 1.0
+  with pytest.raises(ConfigError, match=r"long_run_dropout_rate=1.0"):
+    trainer.check_long_run(config)
 
 
 def test_a_budget_long_enough_turns_the_long_run_dropout_on(tmp_path):
@@ -268,14 +292,17 @@ def test_a_budget_long_enough_turns_the_long_run_dropout_on(tmp_path):
   assert rc_a == 0, err_a[-3000:]
   assert rc_b == 0, err_b[-3000:]
   assert "timing steps 2-4 to choose the dropout" in out_a
-  assert re.search(r"the budget holds ~\d+ steps, so dropout 0.1 from step "
-                   r"5 \(a run of long_run_steps=8 or more\)", out_a), out_a
+  assert re.search(r"the budget holds ~\d+ steps at dropout 0, so dropout "
+                   r"0.1 from step 5 \(a run of long_run_steps=8 or more\)",
+                   out_a), out_a
   assert json.loads((timed / "config.json").read_text())["model"][
       "dropout_rate"] == 0.1
   assert json.loads((built / "config.json").read_text())["model"][
       "dropout_rate"] == 0.0
-  rc, _, err = _finish(_start(built, num_train_steps=12, **common))
+  rc, out, err = _finish(_start(built, num_train_steps=12, **common))
   assert rc == 0, err[-3000:]
+  assert ("Dropout 0.1 from step 5 (the checkpoint of step 4 trained with 0; "
+          "long_run_steps=8)") in out
   assert json.loads((built / "config.json").read_text())["model"][
       "dropout_rate"] == 0.1
   losses = _train_losses(timed)

@@ -281,16 +281,25 @@ def plans_steps_from_time(config) -> bool:
           config.optimizer.decay_steps == 0 and config.max_minutes > 0)
 
 
+def configured_dropout(config) -> float:
+  """model.dropout_rate, or the preset's where the config leaves it None."""
+  rate = config.model.dropout_rate
+  if rate is None:
+    rate = TransformerConfig.preset(config.model_preset).dropout_rate
+  return rate
+
+
 def dropout_for_length(config, total_steps: int) -> float:
-  """model.dropout_rate for a run of ``total_steps`` steps.
+  """The dropout rate of a run of ``total_steps`` steps.
 
   A run of long_run_steps steps or more (0: never) trains with
-  long_run_dropout_rate: short runs see the training data a few times and
-  learn faster without dropout, long ones overfit without it.
+  long_run_dropout_rate, a shorter one with the configured rate: short
+  runs see the training data a few times and learn faster without dropout,
+  long ones overfit without it.
   """
   if 0 < config.long_run_steps <= total_steps:
     return config.long_run_dropout_rate
-  return config.model.dropout_rate
+  return configured_dropout(config)
 
 
 def decides_dropout_from_time(config) -> bool:
@@ -298,13 +307,41 @@ def decides_dropout_from_time(config) -> bool:
 
   With a wall-time budget (max_minutes) the run's length is not known
   before it starts: where num_train_steps could reach long_run_steps and
-  the two rates differ, the steps timed after the first (with
-  model.dropout_rate) tell how many the budget holds, and the run goes on
-  with ``dropout_for_length`` of that (its train step compiles again).
+  the two rates differ, the steps timed after the first (at the configured
+  rate) and one validation pass tell how many the budget holds, and the
+  run goes on with ``dropout_for_length`` of that (its train step compiles
+  again).
   """
   return (config.max_minutes > 0 and
           0 < config.long_run_steps <= config.num_train_steps and
-          config.long_run_dropout_rate != config.model.dropout_rate)
+          config.long_run_dropout_rate != configured_dropout(config))
+
+
+def check_long_run(config) -> None:
+  """ConfigError for impossible long_run_* settings, before any work."""
+  if config.long_run_steps < 0:
+    raise ConfigError(f"config.long_run_steps={config.long_run_steps}: use a "
+                      "step count, or 0 for no long-run dropout")
+  if not 0.0 <= config.long_run_dropout_rate < 1.0:
+    raise ConfigError(f"config.long_run_dropout_rate="
+                      f"{config.long_run_dropout_rate}: a dropout rate lies in "
+                      "[0, 1)")
+  if not decides_dropout_from_time(config):
+    return
+  if plans_steps_from_time(config):
+    # The length would be fixed from steps timed at one rate and run at the
+    # other (slower or faster): the budget would not hold it.
+    raise ConfigError(
+        f"config.long_run_steps={config.long_run_steps} with a "
+        f"{config.optimizer.schedule} schedule and --config.max_minutes: the "
+        "budget cannot fix both the schedule's length and the dropout; set "
+        "--config.long_run_steps=0 (and --config.model.dropout_rate as "
+        "wanted), or --config.optimizer.decay_steps")
+  if config.budget_timing_steps < 1:
+    raise ConfigError(
+        f"config.budget_timing_steps={config.budget_timing_steps}: with "
+        "--config.max_minutes and long_run_steps the run times at least 1 "
+        "step to choose its dropout; or set --config.long_run_steps=0")
 
 
 def with_provisional_length(config):
@@ -437,17 +474,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # margin): the stop keeps nothing back for them, so the run ends at the
   # step its schedule does.
   keep_back = not planned
-  if config.long_run_steps < 0:
-    raise ConfigError(f"config.long_run_steps={config.long_run_steps}: use a "
-                      "step count, or 0 for no long-run dropout")
-  if not 0.0 <= config.long_run_dropout_rate < 1.0:
-    raise ConfigError(f"config.long_run_dropout_rate="
-                      f"{config.long_run_dropout_rate}: a dropout rate lies in "
-                      "[0, 1)")
+  check_long_run(config)
   choose_dropout = decides_dropout_from_time(config)
-  if not choose_dropout:   # the length is known: num_train_steps
-    config.model.dropout_rate = dropout_for_length(config,
-                                                   config.num_train_steps)
+  long_by_steps = 0 < config.long_run_steps <= config.num_train_steps
+  if not choose_dropout and long_by_steps:   # the length: num_train_steps
+    config.model.dropout_rate = config.long_run_dropout_rate
   if planned:
     check_budget_timing(config)
   elif config.optimizer.schedule != "rsqrt" and config.optimizer.decay_steps == 0:
@@ -479,17 +510,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   state = restore_or_init(ckpt, runner, train_iter, record, init_rng,
                           checkpoint_step, say)
   step = int(jax.device_get(runner.state_for_checkpoint(state).step))
-  if choose_dropout and step > 0:
-    saved = ckpt.restore_config(step)["model"].get("dropout_rate")
-    if saved == config.long_run_dropout_rate:   # a long run stays one
-      choose_dropout = False
-      config.model.dropout_rate = saved
-      model_config = model_config_for(config, vocab_size)
-      record = checkpointing.config_record(config, model_config)
-      runner = make_runner(with_provisional_length(config) if planned
-                           else config, model_config)
-      say(f"Dropout {saved:g}: the checkpoint of step {step} trained with "
-          f"long_run_dropout_rate")
+  saved_dropout = (ckpt.restore_config(step)["model"].get("dropout_rate")
+                   if step > 0 else None)
+  if choose_dropout and saved_dropout == config.long_run_dropout_rate:
+    # A long run stays one: a launch under a budget keeps its dropout.
+    choose_dropout = False
+    config.model.dropout_rate = saved_dropout
+    model_config = model_config_for(config, vocab_size)
+    record = checkpointing.config_record(config, model_config)
+    runner = make_runner(config, model_config)
+    say(f"Dropout {saved_dropout:g}: the checkpoint of step {step} trained "
+        "with long_run_dropout_rate")
+  elif (saved_dropout is not None and not choose_dropout and
+        saved_dropout != model_config.dropout_rate):
+    say(f"Dropout {model_config.dropout_rate:g} from step {step + 1} (the "
+        f"checkpoint of step {step} trained with {saved_dropout:g}"
+        + (f"; long_run_steps={config.long_run_steps}"
+           if 0 < config.long_run_steps <= config.num_train_steps else "")
+        + ")")
   save_config(record, workdir)  # only once the config is known to fit
   say(f"Model: {model_config}")
   if planned and step > 0:
@@ -546,9 +584,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         step += 1
         metrics.add(step, step_metrics)
         step_seconds = timer and timer.step_seconds(step, step_metrics)
-        if step_seconds and not planned:   # choose_dropout alone
+        if step_seconds and not planned:   # choose_dropout (check_long_run)
+          eval_start = time.time()
+          last_eval = evaluate_loss(runner, evaluated_params(state),
+                                    eval_data, config.num_eval_batches)
+          eval_seconds = time.time() - eval_start
+          writer.write(step, last_eval)
+          # At the timed rate: the steps at the other run a few % slower or
+          # faster (dropout 0.1: ~4% slower at d_model 192).
           fit = step + steps_in_budget(
-              stop.seconds_left() - stop.reserve, step_seconds, 0.0,
+              stop.seconds_left(), step_seconds, eval_seconds,
               config.eval_every_steps, timer.compile_seconds)
           if jax.process_count() > 1:  # every host trains the same steps
             from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -556,8 +601,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           rate = dropout_for_length(config, min(fit, config.num_train_steps))
           timer = None
           changes = rate is not None and rate != model_config.dropout_rate
-          say(f"Timed: {step_seconds:.2f} s a step: the budget holds ~{fit} "
-              "steps, so dropout "
+          say(f"Timed: {step_seconds:.2f} s a step and {eval_seconds:.1f} s "
+              f"a validation pass: the budget holds ~{fit} steps at dropout "
+              f"{model_config.dropout_rate:g}, so dropout "
               f"{rate if changes else model_config.dropout_rate:g}" + (
                   f" from step {step + 1} (a run of long_run_steps="
                   f"{config.long_run_steps} or more)" if changes else ""))
@@ -586,9 +632,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 f"steps at {step_seconds:.2f} s a step, no more than "
                 f"optimizer.warmup_steps={config.optimizer.warmup_steps}: "
                 "raise max_minutes or lower warmup_steps")
-          if choose_dropout:
-            config.model.dropout_rate = dropout_for_length(config, total)
-            model_config = model_config_for(config, vocab_size)
           # The new runner's train step compiles once more.
           record, runner = fix_length(config, model_config, workdir, total)
           timer = None

@@ -127,8 +127,11 @@ steps of 25k-token batches on 8 GPUs):
     run of num_train_steps >= 2,750 trains with dropout 0.1 from its first
     step; with --config.max_minutes (the quickstart) the first 20 steps
     after the compiling one run at dropout 0 and are timed, and where the
-    budget holds 2,750 steps or more the rest runs at 0.1 (a resumed run
-    that trained with 0.1 keeps it). Measured at d_model 192 (2026-12-01/02,
+    budget holds 2,750 steps or more (at dropout 0's speed, one validation
+    pass timed too) the rest runs at 0.1; a launch under a budget resuming
+    a checkpoint that trained at 0.1 keeps 0.1, one that resumes a shorter
+    run and now reaches 2,750 turns dropout on from there (not measured).
+    Measured at d_model 192 (2026-12-01/02,
     same seed, tokenizer and batches; rsqrt does not depend on the run's
     length, so a step's loss is that of any longer run), validation loss
     on the whole split:
