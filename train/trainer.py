@@ -584,27 +584,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         step += 1
         metrics.add(step, step_metrics)
         step_seconds = timer and timer.step_seconds(step, step_metrics)
-        if step_seconds and not planned:   # choose_dropout (check_long_run)
+        if step_seconds:   # planned or choose_dropout (never both)
           eval_start = time.time()
           last_eval = evaluate_loss(runner, evaluated_params(state),
                                     eval_data, config.num_eval_batches)
           eval_seconds = time.time() - eval_start
           writer.write(step, last_eval)
-          # At the timed rate: the steps at the other run a few % slower or
-          # faster (dropout 0.1: ~4% slower at d_model 192).
           fit = step + steps_in_budget(
               stop.seconds_left(), step_seconds, eval_seconds,
               config.eval_every_steps, timer.compile_seconds)
           if jax.process_count() > 1:  # every host trains the same steps
             from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
             fit = int(multihost_utils.broadcast_one_to_all(np.int32(fit)))
-          rate = dropout_for_length(config, min(fit, config.num_train_steps))
           timer = None
-          changes = rate is not None and rate != model_config.dropout_rate
+        if step_seconds and not planned:
+          # At the timed rate: steps at the other run a few % slower or
+          # faster (dropout 0.1: ~4% slower at d_model 192).
+          rate = dropout_for_length(config, min(fit, config.num_train_steps))
+          changes = rate != model_config.dropout_rate
           say(f"Timed: {step_seconds:.2f} s a step and {eval_seconds:.1f} s "
               f"a validation pass: the budget holds ~{fit} steps at dropout "
-              f"{model_config.dropout_rate:g}, so dropout "
-              f"{rate if changes else model_config.dropout_rate:g}" + (
+              f"{model_config.dropout_rate:g}, so dropout {rate:g}" + (
                   f" from step {step + 1} (a run of long_run_steps="
                   f"{config.long_run_steps} or more)" if changes else ""))
           if changes:
@@ -614,17 +614,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             save_config(record, workdir)
             runner = make_runner(config, model_config)  # compiles once more
         elif step_seconds:
-          eval_start = time.time()
-          last_eval = evaluate_loss(runner, evaluated_params(state),
-                                    eval_data, config.num_eval_batches)
-          eval_seconds = time.time() - eval_start
-          writer.write(step, last_eval)
-          fit = step + steps_in_budget(
-              stop.seconds_left(), step_seconds, eval_seconds,
-              config.eval_every_steps, timer.compile_seconds)
-          if jax.process_count() > 1:  # every host trains the same steps
-            from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-            fit = int(multihost_utils.broadcast_one_to_all(np.int32(fit)))
           total = min(fit, config.num_train_steps)
           if total <= config.optimizer.warmup_steps:
             raise ConfigError(
@@ -634,7 +623,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 "raise max_minutes or lower warmup_steps")
           # The new runner's train step compiles once more.
           record, runner = fix_length(config, model_config, workdir, total)
-          timer = None
           say(f"Timed: {step_seconds:.2f} s a step, {eval_seconds:.1f} s a "
               f"validation pass (eval_loss {last_eval.get('eval_loss', 0):.4f}"
               f"): the budget holds {fit} steps" + (
