@@ -317,12 +317,12 @@ def test_a_budget_long_enough_turns_the_long_run_dropout_on(tmp_path):
   assert sorted(_train_losses(timed)) == list(range(1, 15))
   # Dropout changed the steps after 4: a run without it parts from them.
   plain = tmp_path / "plain"
-  rc, _, err = _finish(_start(plain, num_train_steps=6,
+  rc, _, err = _finish(_start(plain, num_train_steps=5,
                               **dict(common, long_run_steps=0)))
   assert rc == 0, err[-3000:]
   without = _train_losses(plain)
   assert all(without[s] == losses[s] for s in range(1, 5))
-  assert all(without[s] != losses[s] for s in (5, 6))
+  assert without[5] != losses[5]
 
 
 def test_budget_fixes_the_step_count_of_a_decaying_schedule(tmp_path):
