@@ -317,6 +317,15 @@ def decides_dropout_from_time(config) -> bool:
           config.long_run_dropout_rate != configured_dropout(config))
 
 
+def with_dropout(config, rate: float, vocab_size: int):
+  """Sets config.model.dropout_rate = rate; (model config, the checkpoints'
+  config record, the runner, whose train step compiles anew) for it."""
+  config.model.dropout_rate = rate
+  model_config = model_config_for(config, vocab_size)
+  return (model_config, checkpointing.config_record(config, model_config),
+          make_runner(config, model_config))
+
+
 def check_long_run(config) -> None:
   """ConfigError for impossible long_run_* settings, before any work."""
   if config.long_run_steps < 0:
@@ -510,29 +519,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   state = restore_or_init(ckpt, runner, train_iter, record, init_rng,
                           checkpoint_step, say)
   step = int(jax.device_get(runner.state_for_checkpoint(state).step))
-  saved_dropout = (ckpt.restore_config(step)["model"].get("dropout_rate")
-                   if step > 0 else None)
+  saved = ckpt.restore_config(step) if step > 0 else None
+  saved_dropout = saved["model"].get("dropout_rate") if saved else None
   if choose_dropout and saved_dropout == config.long_run_dropout_rate:
     # A long run stays one: a launch under a budget keeps its dropout.
     choose_dropout = False
-    config.model.dropout_rate = saved_dropout
-    model_config = model_config_for(config, vocab_size)
-    record = checkpointing.config_record(config, model_config)
-    runner = make_runner(config, model_config)
+    model_config, record, runner = with_dropout(config, saved_dropout,
+                                                vocab_size)
     say(f"Dropout {saved_dropout:g}: the checkpoint of step {step} trained "
         "with long_run_dropout_rate")
   elif (saved_dropout is not None and not choose_dropout and
         saved_dropout != model_config.dropout_rate):
     say(f"Dropout {model_config.dropout_rate:g} from step {step + 1} (the "
         f"checkpoint of step {step} trained with {saved_dropout:g}"
-        + (f"; long_run_steps={config.long_run_steps}"
-           if 0 < config.long_run_steps <= config.num_train_steps else "")
-        + ")")
+        + (f"; long_run_steps={config.long_run_steps}" if long_by_steps
+           else "") + ")")
   save_config(record, workdir)  # only once the config is known to fit
   say(f"Model: {model_config}")
-  if planned and step > 0:
-    saved = ckpt.restore_config(step)["experiment"]
-    fixed = saved.get("optimizer", {}).get("decay_steps", 0)
+  if planned and saved:
+    fixed = saved["experiment"].get("optimizer", {}).get("decay_steps", 0)
     if fixed > 0:  # fixed by the launch that started the run: kept
       planned = False
       record, runner = fix_length(config, model_config, workdir, fixed)
@@ -597,40 +602,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
             fit = int(multihost_utils.broadcast_one_to_all(np.int32(fit)))
           timer = None
-        if step_seconds and not planned:
-          # At the timed rate: steps at the other run a few % slower or
-          # faster (dropout 0.1: ~4% slower at d_model 192).
-          rate = dropout_for_length(config, min(fit, config.num_train_steps))
-          changes = rate != model_config.dropout_rate
-          say(f"Timed: {step_seconds:.2f} s a step and {eval_seconds:.1f} s "
-              f"a validation pass: the budget holds ~{fit} steps at dropout "
-              f"{model_config.dropout_rate:g}, so dropout {rate:g}" + (
-                  f" from step {step + 1} (a run of long_run_steps="
-                  f"{config.long_run_steps} or more)" if changes else ""))
-          if changes:
-            config.model.dropout_rate = rate
-            model_config = model_config_for(config, vocab_size)
-            record = checkpointing.config_record(config, model_config)
-            save_config(record, workdir)
-            runner = make_runner(config, model_config)  # compiles once more
-        elif step_seconds:
-          total = min(fit, config.num_train_steps)
-          if total <= config.optimizer.warmup_steps:
-            raise ConfigError(
-                f"--config.max_minutes={config.max_minutes:g} holds {fit} "
-                f"steps at {step_seconds:.2f} s a step, no more than "
-                f"optimizer.warmup_steps={config.optimizer.warmup_steps}: "
-                "raise max_minutes or lower warmup_steps")
-          # The new runner's train step compiles once more.
-          record, runner = fix_length(config, model_config, workdir, total)
-          say(f"Timed: {step_seconds:.2f} s a step, {eval_seconds:.1f} s a "
-              f"validation pass (eval_loss {last_eval.get('eval_loss', 0):.4f}"
-              f"): the budget holds {fit} steps" + (
-                  "" if total == fit else
-                  f", num_train_steps caps the run at {total}") + "; the "
-              f"{config.optimizer.schedule} schedule ends at step "
-              f"{total} (the same run: --config.num_train_steps={total} "
-              "--config.max_minutes=0)")
+          if not planned:   # choose_dropout
+            # At the timed rate: steps at the other run a few % slower or
+            # faster (dropout 0.1: ~4% slower at d_model 192).
+            rate = dropout_for_length(config, min(fit, config.num_train_steps))
+            changes = rate != model_config.dropout_rate
+            say(f"Timed: {step_seconds:.2f} s a step and {eval_seconds:.1f} s"
+                f" a validation pass: the budget holds ~{fit} steps at "
+                f"dropout {model_config.dropout_rate:g}, so dropout {rate:g}"
+                + (f" from step {step + 1} (a run of long_run_steps="
+                   f"{config.long_run_steps} or more)" if changes else ""))
+            if changes:
+              model_config, record, runner = with_dropout(config, rate,
+                                                          vocab_size)
+              save_config(record, workdir)
+          else:
+            total = min(fit, config.num_train_steps)
+            if total <= config.optimizer.warmup_steps:
+              raise ConfigError(
+                  f"--config.max_minutes={config.max_minutes:g} holds {fit} "
+                  f"steps at {step_seconds:.2f} s a step, no more than "
+                  f"optimizer.warmup_steps={config.optimizer.warmup_steps}: "
+                  "raise max_minutes or lower warmup_steps")
+            # The new runner's train step compiles once more.
+            record, runner = fix_length(config, model_config, workdir, total)
+            say(f"Timed: {step_seconds:.2f} s a step, {eval_seconds:.1f} s a "
+                "validation pass (eval_loss "
+                f"{last_eval.get('eval_loss', 0):.4f}): the budget holds "
+                f"{fit} steps" + (
+                    "" if total == fit else
+                    f", num_train_steps caps the run at {total}") + "; the "
+                f"{config.optimizer.schedule} schedule ends at step "
+                f"{total} (the same run: --config.num_train_steps={total} "
+                "--config.max_minutes=0)")
         at_log_step = step % config.log_every_steps == 0
         finishing = step >= total or stop.requested(at_log_step)
         # On SIGTERM save first and fast: no final evaluation.
