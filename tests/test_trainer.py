@@ -364,3 +364,15 @@ def test_budget_fixes_the_step_count_of_a_decaying_schedule(tmp_path):
   assert "fixed at 12 steps by the budget of its first launch" in out
   assert "it has trained them all" in out
   assert sorted(per_step(planned, "train_loss")) == list(range(1, 13))
+
+
+def test_an_unwritable_workdir_is_a_config_error(tmp_path):
+  from model import ConfigError
+  from train import trainer
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  config = configs.base_config()
+  config.synthetic_data = True
+  with pytest.raises(ConfigError, match=r"--workdir=.*a_file/run: cannot "
+                     r"create it .*pass a directory you can write"):
+    trainer.train_and_evaluate(config, str(blocker / "run"))

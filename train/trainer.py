@@ -502,7 +502,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     raise ConfigError(str(e)) from e
   sharding.maybe_initialize_distributed(config.distributed)
   workdir = epath.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"--workdir={workdir}: cannot create it ({e.strerror}); "
+                      "pass a directory you can write") from None
   main = sharding.is_main_process()
   say = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
 
