@@ -255,35 +255,62 @@ def init_params(config: TransformerConfig, rng, src_len: int = 8,
   return nn.unbox(variables["params"])
 
 
+def cross_attention_cache(config: TransformerConfig, params, encoded,
+                          src_len: int | None = None) -> dict[str, Any]:
+  """Every decoder layer's cross-attention keys and values: {layer name:
+  {"cross_key", "cross_value"}}, ``init_cache``'s, projected from encoded
+  [batch, encoded_len, d_model] once per sentence.
+
+  src_len: padded with zeros to this many positions (default: encoded's),
+  for a source padded beyond the positions the encoder ran over; the
+  decoder's mask (src != PAD_ID) hides them.
+  """
+  encoded_len = encoded.shape[1]
+  src_len = encoded_len if src_len is None else src_len
+  if src_len < encoded_len:
+    raise ValueError(f"src_len={src_len} is shorter than the encoder output "
+                     f"({encoded_len} positions)")
+  pad = src_len - encoded_len
+  cross = {}
+  for i in range(config.num_decoder_layers):
+    layer = f"layers_{i}"
+    key, value = layers.cross_keys_values(
+        config, params["decoder"][layer]["cross_attention"], encoded)
+    cross[layer] = {
+        "cross_key": jnp.pad(key, ((0, 0), (0, 0), (0, 0), (0, pad))),
+        "cross_value": jnp.pad(value, ((0, 0), (0, 0), (0, pad), (0, 0)))}
+  return cross
+
+
 def init_cache(config: TransformerConfig, params, encoded,
-               max_decode_len: int, repeat: int = 1) -> Any:
+               max_decode_len: int, repeat: int = 1,
+               src_len: int | None = None, cross=None) -> Any:
   """The cache of ``Transformer(config, use_cache=True)`` for one batch.
 
   encoded: the encoder output [batch, src_len, d_model]. Self-attention
   keys/values start empty, with room for ``max_decode_len`` tokens (the
   searches pass their first cache length and pad the cache as it fills:
   ``decoding.cache_lengths``); the
-  cross-attention keys/values are projected from ``encoded`` here, once.
+  cross-attention keys/values are projected from ``encoded`` here, once
+  (``cross_attention_cache``; or given as ``cross``, its output).
   repeat: the cache is for batch * repeat rows, each sentence's ``repeat``
-  rows in a row (beam search's beams), the cross-attention keys/values
-  projected once per sentence and repeated (not projected per beam).
+  rows in a row (beam search's beams): the self-attention keys/values have
+  a row each, the cross-attention keys/values one per sentence, which its
+  rows share (``layers.CachedCrossAttention``).
+  src_len: see ``cross_attention_cache`` (without ``cross``).
   """
   model = Transformer(config, use_cache=True)
-  batch_size, src_len, _ = encoded.shape
-  batch_size *= repeat
+  if cross is None:
+    cross = cross_attention_cache(config, params, encoded, src_len)
+  src_len = cross["layers_0"]["cross_value"].shape[2]
+  batch_size = encoded.shape[0] * repeat
   src = jnp.ones((batch_size, src_len), jnp.int32)
   tgt = jnp.ones((batch_size, max_decode_len), jnp.int32)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), src, tgt))
   cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                        nn.unbox(shapes["cache"]))
-  for i in range(config.num_decoder_layers):
-    layer = f"layers_{i}"
-    key, value = (jnp.repeat(x, repeat, axis=0)
-                  for x in layers.cross_keys_values(
-                      config, params["decoder"][layer]["cross_attention"],
-                      encoded))
-    cache["decoder"][layer]["cross_attention"] = {"cross_key": key,
-                                                  "cross_value": value}
+  for layer, keys_values in cross.items():
+    cache["decoder"][layer]["cross_attention"] = dict(keys_values)
   return cache
 
 

@@ -97,6 +97,28 @@ def test_sampled_frequencies_match_filtered_distribution():
   assert chi2.pvalue > 1e-3, (counts, expected * draws)
 
 
+def test_block_top_k_equals_a_stable_sort():
+  # The reference: numpy's stable sort, largest first, ties to the lower
+  # index (lax.top_k's order). Rows of ties, of -inf but a few entries (a
+  # beam step at its length limit), a width that is not a whole number of
+  # blocks, and one of fewer blocks than k.
+  rng = np.random.default_rng(0)
+  for n, block, k in ((32000, 128, 8), (1000, 64, 6), (300, 128, 8),
+                      (50, 16, 4)):
+    x = rng.standard_normal((6, n)).astype(np.float32)
+    x[1] = np.round(x[1] * 2) / 2
+    x[2] = -np.inf
+    x[2, [1, n // 4 + 1, n // 2 + 1]] = [-3.0, -1.0, -3.0]
+    x[3] = -np.inf
+    x[4, :] = 0.5
+    values, index = jax.jit(decoding.top_k, static_argnums=(1, 2))(
+        jnp.asarray(x), k, block)
+    want = np.argsort(-x, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(np.asarray(index), want)
+    np.testing.assert_array_equal(np.asarray(values),
+                                  np.take_along_axis(x, want, axis=1))
+
+
 def test_filter_rejects_bad_knobs():
   with pytest.raises(ValueError, match="temperature"):
     decoding.filter_logits(jnp.zeros(4), temperature=0.0)
@@ -416,3 +438,31 @@ def test_ended_rows_are_dropped_every_compact_every_steps(params, monkeypatch):
                              np.asarray(beams[1].scores), rtol=1e-6)
   with pytest.raises(ValueError, match="compact_every"):
     decoding.greedy_search(CONFIG, params, src, compact_every=-1)
+
+
+def test_the_encoder_runs_over_the_longest_source_not_the_padding(params,
+                                                                 src):
+  # src (its longest row 9 tokens) padded to 40 columns, as a length bucket
+  # pads a batch: the encoder runs over 16 positions (a multiple of
+  # ENCODER_LENGTH_MULTIPLE = 8), its outputs padded back behind the mask.
+  # The searches give the tokens (and scores) of src at its own width, where
+  # the encoder runs over all 9 columns.
+  wide = jnp.pad(src, ((0, 0), (0, 31)), constant_values=PAD_ID)
+  assert decoding.ENCODER_LENGTH_MULTIPLE == 8
+  assert decoding.encoder_length(wide) == 16
+  assert decoding.encoder_length(np.asarray(src)) == 9   # capped by width
+  assert decoding.encoder_length(jnp.full((2, 24), PAD_ID)) == 8
+  assert jax.jit(lambda x: jnp.int32(decoding.encoder_length(x)))(wide) == 40
+  extra = 12   # limits of source + 12 tokens, below CONFIG.max_len either way
+  strip = decoding.strip_special
+  assert strip(decoding.greedy_search(CONFIG, params, wide,
+                                      max_extra_len=extra)) == strip(
+      decoding.greedy_search(CONFIG, params, src, max_extra_len=extra))
+  got = decoding.beam_search(CONFIG, params, wide, beam_size=3,
+                             max_extra_len=extra)
+  want = decoding.beam_search(CONFIG, params, src, beam_size=3,
+                              max_extra_len=extra)
+  for k in range(3):
+    assert strip(got.sequences[:, k]) == strip(want.sequences[:, k])
+  np.testing.assert_allclose(np.asarray(got.scores), np.asarray(want.scores),
+                             rtol=1e-5)

@@ -204,24 +204,37 @@ def test_cached_one_token_decoding_equals_teacher_forcing(params):
   np.testing.assert_allclose(np.stack(steps, 1), teacher, atol=1e-5, rtol=1e-5)
 
 
-def test_a_repeated_cache_equals_the_cache_of_repeated_rows(params):
+def test_beams_sharing_a_sentences_cross_cache_decode_as_repeated_rows(
+    params):
   # Beam search's cache: each sentence's cross-attention keys and values
-  # repeated for its beams, against projecting the repeated encoder output.
+  # once, shared by its beams (init_cache's repeat), against teacher forcing
+  # of the source repeated for each beam, every beam fed its own tokens.
   rng = np.random.default_rng(5)
   src = np.pad(random_tokens(rng, (2, 6)), ((0, 0), (0, 2)))
+  src[1, 3:] = 0
+  beams = 3
+  tgt = random_tokens(rng, (2 * beams, 5))
   encoded = Transformer(TINY).apply({"params": params}, src,
                                     method=Transformer.encode)
-  repeated = init_cache(TINY, params, encoded, max_decode_len=5, repeat=3)
-  reference = init_cache(TINY, params, np.repeat(encoded, 3, axis=0),
-                         max_decode_len=5)
-  leaves = jax.tree_util.tree_leaves_with_path(repeated)
-  assert len(leaves) == len(jax.tree_util.tree_leaves(reference))
-  for (path, got), want in zip(leaves, jax.tree_util.tree_leaves(reference)):
-    assert got.shape == want.shape, path
-    np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6,
-                               err_msg=str(path))
-  key = repeated["decoder"]["layers_0"]["cross_attention"]["cross_key"]
-  assert key.shape[0] == 6 and np.abs(np.asarray(key)).max() > 0
+  cache = init_cache(TINY, params, encoded, max_decode_len=5, repeat=beams)
+  cross = cache["decoder"]["layers_0"]["cross_attention"]
+  assert cross["cross_key"].shape == (2, TINY.num_heads, TINY.head_dim, 8)
+  assert cross["cross_value"].shape == (2, TINY.num_heads, 8, TINY.head_dim)
+  self_key = cache["decoder"]["layers_0"]["self_attention"]["cached_key"]
+  assert self_key.shape[0] == 2 * beams
+  flat_src = np.repeat(src, beams, axis=0)
+  teacher = logits_of(params, flat_src, tgt)
+  cached_model = Transformer(TINY, use_cache=True)
+  step = jax.jit(lambda cache, token: cached_model.apply(
+      {"params": params, "cache": cache}, np.repeat(encoded, beams, axis=0),
+      flat_src, token, method=Transformer.decode, mutable=["cache"]))
+  token, steps = np.zeros((2 * beams, 1), np.int32), []
+  for t in range(5):
+    logits, variables = step(cache, token)
+    cache = variables["cache"]
+    steps.append(np.asarray(logits[:, 0]))
+    token = tgt[:, t: t + 1]
+  np.testing.assert_allclose(np.stack(steps, 1), teacher, atol=1e-5, rtol=1e-5)
 
 
 def test_dropout_uses_the_rng_only_in_training_mode(params):
@@ -369,3 +382,33 @@ def test_positional_encoding_follows_section_3_5():
   pos, i = 17, 3
   assert np.isclose(table[pos, 2 * i], np.sin(pos / 10000 ** (2 * i / 16)))
   assert np.isclose(table[pos, 2 * i + 1], np.cos(pos / 10000 ** (2 * i / 16)))
+
+
+def test_a_cache_padded_beyond_the_encoded_positions_decodes_the_same(params):
+  # The searches run the encoder over a batch's longest source only and pad
+  # the cross-attention keys and values to the batch's width (init_cache's
+  # src_len): behind the pad mask, the logits of teacher forcing over the
+  # whole width.
+  rng = np.random.default_rng(6)
+  src = np.pad(random_tokens(rng, (3, 6)), ((0, 0), (0, 5)))
+  src[1, 4:] = 0
+  tgt = random_tokens(rng, (3, 5))
+  teacher = logits_of(params, src, tgt)
+  encoded = Transformer(TINY).apply({"params": params}, src[:, :6],
+                                    method=Transformer.encode)
+  cache = init_cache(TINY, params, encoded, max_decode_len=5, src_len=11)
+  key = cache["decoder"]["layers_0"]["cross_attention"]["cross_key"]
+  assert key.shape[3] == 11 and not np.asarray(key)[..., 6:].any()
+  cached_model = Transformer(TINY, use_cache=True)
+  step = jax.jit(lambda cache, token: cached_model.apply(
+      {"params": params, "cache": cache}, encoded, src, token,
+      method=Transformer.decode, mutable=["cache"]))
+  token, steps = np.zeros((3, 1), np.int32), []
+  for t in range(5):
+    logits, variables = step(cache, token)
+    cache = variables["cache"]
+    steps.append(np.asarray(logits[:, 0]))
+    token = tgt[:, t: t + 1]
+  np.testing.assert_allclose(np.stack(steps, 1), teacher, atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="shorter than the encoder output"):
+    init_cache(TINY, params, encoded, max_decode_len=5, src_len=4)

@@ -129,3 +129,18 @@ def test_bf16_cached_decoding_follows_bf16_teacher_forcing():
   cached = jnp.stack(steps, 1)
   assert cached.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(cached), np.asarray(teacher), atol=0.05)
+
+
+def test_argmax_equals_numpy_argmax_with_ties_and_infinities():
+  rng = np.random.default_rng(0)
+  # Small integers: many ties, which must resolve to the first index.
+  x = rng.integers(-3, 4, size=(5, 7, 40)).astype(np.float32)
+  x[0, 0] = -np.inf          # a row of -inf: index 0, as numpy says
+  x[1, 2, 17] = np.inf       # one +inf wins
+  x[2, 3, [4, 30]] = np.inf  # tied +infs: the first
+  got = jax.jit(layers.argmax)(jnp.asarray(x))
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(got), np.argmax(x, axis=-1))
+  logits = rng.standard_normal((3, 8000)).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(layers.argmax(logits)),
+                                np.argmax(logits, axis=-1))

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from model import PAD_ID, Transformer, TransformerConfig
+from model import PAD_ID, Transformer, TransformerConfig, layers
 from train.batches import example_batch
 
 Batch = dict[str, jax.Array]  # the layout of train/batches.py
@@ -227,7 +227,7 @@ def loss_sums(logits, targets, label_smoothing: float) -> dict[str, jax.Array]:
             - label_smoothing / vocab * jnp.sum(logits, axis=-1))
   else:
     loss = nll
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  correct = (layers.argmax(logits) == targets).astype(jnp.float32)
   return {
       "loss_sum": jnp.sum(loss * weights),
       "nll_sum": jnp.sum(nll * weights),
