@@ -273,14 +273,16 @@ def _encode(config, params, src):
 # 128-wide batch of the test split, its longest source 81 tokens: 951 ms
 # against 381 ms cut to 81 positions). Its output and the cross-attention
 # keys and values are padded back to src's width, which the masks hide.
-# Each multiple the encoder meets compiles its own start of the search.
+# Each multiple the encoder meets compiles its own encoder program
+# (``_encode_for_search``, shared by the searches); the search loops still
+# compile per width.
 ENCODER_LENGTH_MULTIPLE = 8
 
 
 def encoder_length(src) -> int:
   """The positions of src [batch, width] the searches' encoder runs over.
 
-  The longest row (its non-pad tokens) rounded up to a multiple of
+  Up to the last non-pad token of any row, rounded up to a multiple of
   ``ENCODER_LENGTH_MULTIPLE``, at most the width; the width itself when src
   is traced (under an outer jax.jit, where no length can be read) or spans
   processes (each host holds part of it).
@@ -289,7 +291,8 @@ def encoder_length(src) -> int:
   if isinstance(src, jax.core.Tracer) or (
       isinstance(src, jax.Array) and not src.is_fully_addressable):
     return width
-  longest = int(np.max(np.sum(np.asarray(src) != PAD_ID, axis=1),
+  positions = np.arange(1, width + 1)   # a pad token inside a row: kept
+  longest = int(np.max(np.where(np.asarray(src) != PAD_ID, positions, 1),
                        initial=1))
   multiple = ENCODER_LENGTH_MULTIPLE
   return min(width, max(multiple, -(-longest // multiple) * multiple))

@@ -302,6 +302,9 @@ def init_cache(config: TransformerConfig, params, encoded,
   model = Transformer(config, use_cache=True)
   if cross is None:
     cross = cross_attention_cache(config, params, encoded, src_len)
+  elif src_len is not None:
+    raise ValueError("init_cache takes src_len or cross (built with its own "
+                     "src_len), not both")
   src_len = cross["layers_0"]["cross_value"].shape[2]
   batch_size = encoded.shape[0] * repeat
   src = jnp.ones((batch_size, src_len), jnp.int32)

@@ -452,6 +452,10 @@ def test_the_encoder_runs_over_the_longest_source_not_the_padding(params,
   assert decoding.encoder_length(wide) == 16
   assert decoding.encoder_length(np.asarray(src)) == 9   # capped by width
   assert decoding.encoder_length(jnp.full((2, 24), PAD_ID)) == 8
+  holed = np.asarray(wide).copy()
+  holed[0, 5:17] = PAD_ID
+  holed[0, 17] = 7          # a token after pads: the encoder reaches it
+  assert decoding.encoder_length(holed) == 24
   assert jax.jit(lambda x: jnp.int32(decoding.encoder_length(x)))(wide) == 40
   extra = 12   # limits of source + 12 tokens, below CONFIG.max_len either way
   strip = decoding.strip_special

@@ -138,6 +138,8 @@ def test_argmax_equals_numpy_argmax_with_ties_and_infinities():
   x[0, 0] = -np.inf          # a row of -inf: index 0, as numpy says
   x[1, 2, 17] = np.inf       # one +inf wins
   x[2, 3, [4, 30]] = np.inf  # tied +infs: the first
+  x[3, 1, [9, 20]] = np.nan  # NaN: the first NaN, as numpy says
+  x[3, 2, 0] = np.nan
   got = jax.jit(layers.argmax)(jnp.asarray(x))
   assert got.dtype == jnp.int32
   np.testing.assert_array_equal(np.asarray(got), np.argmax(x, axis=-1))

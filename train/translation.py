@@ -30,7 +30,9 @@ from model import EOS_ID, PAD_ID, TransformerConfig, decoding
 # Source lengths are padded up to one of these, so a whole split compiles the
 # decoder a handful of times only (per bucket, one compilation for each cache
 # length its batches reach, decoding.cache_lengths, and each batch size the
-# search shrinks to there, at most three: decoding.compacted_rows).
+# search shrinks to there, at most three: decoding.compacted_rows). The
+# encoder itself runs over each batch's longest source rounded up to 8
+# positions (decoding.encoder_length): one small program per multiple.
 LENGTH_BUCKETS = (16, 32, 64, 128, 256)
 METHODS = ("beam", "greedy", "sample")
 
