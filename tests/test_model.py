@@ -183,6 +183,22 @@ def test_packed_pairs_give_the_logits_of_each_pair_alone(params):
   np.testing.assert_allclose(packed[:, 3:7], alone_b, atol=1e-5, rtol=1e-5)
 
 
+def cached_logits(params, cache, encoded, src, tgt):
+  """Logits [batch, len, vocab] of feeding tgt one token per step through
+  the cached decoder (start token first), from ``cache``."""
+  cached_model = Transformer(TINY, use_cache=True)
+  step = jax.jit(lambda cache, token: cached_model.apply(
+      {"params": params, "cache": cache}, encoded, src, token,
+      method=Transformer.decode, mutable=["cache"]))
+  token, steps = np.zeros((tgt.shape[0], 1), np.int32), []
+  for t in range(tgt.shape[1]):
+    logits, variables = step(cache, token)
+    cache = variables["cache"]
+    steps.append(np.asarray(logits[:, 0]))
+    token = tgt[:, t: t + 1]
+  return np.stack(steps, 1)
+
+
 def test_cached_one_token_decoding_equals_teacher_forcing(params):
   rng = np.random.default_rng(3)
   src = np.pad(random_tokens(rng, (3, 6)), ((0, 0), (0, 2)))
@@ -191,17 +207,8 @@ def test_cached_one_token_decoding_equals_teacher_forcing(params):
   model = Transformer(TINY)
   encoded = model.apply({"params": params}, src, method=Transformer.encode)
   cache = init_cache(TINY, params, encoded, max_decode_len=7)
-  cached_model = Transformer(TINY, use_cache=True)
-  step = jax.jit(lambda cache, token: cached_model.apply(
-      {"params": params, "cache": cache}, encoded, src, token,
-      method=Transformer.decode, mutable=["cache"]))
-  token, steps = np.zeros((3, 1), np.int32), []
-  for t in range(7):
-    logits, variables = step(cache, token)
-    cache = variables["cache"]
-    steps.append(np.asarray(logits[:, 0]))
-    token = tgt[:, t: t + 1]
-  np.testing.assert_allclose(np.stack(steps, 1), teacher, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(cached_logits(params, cache, encoded, src, tgt),
+                             teacher, atol=1e-5, rtol=1e-5)
 
 
 def test_beams_sharing_a_sentences_cross_cache_decode_as_repeated_rows(
@@ -224,17 +231,9 @@ def test_beams_sharing_a_sentences_cross_cache_decode_as_repeated_rows(
   assert self_key.shape[0] == 2 * beams
   flat_src = np.repeat(src, beams, axis=0)
   teacher = logits_of(params, flat_src, tgt)
-  cached_model = Transformer(TINY, use_cache=True)
-  step = jax.jit(lambda cache, token: cached_model.apply(
-      {"params": params, "cache": cache}, np.repeat(encoded, beams, axis=0),
-      flat_src, token, method=Transformer.decode, mutable=["cache"]))
-  token, steps = np.zeros((2 * beams, 1), np.int32), []
-  for t in range(5):
-    logits, variables = step(cache, token)
-    cache = variables["cache"]
-    steps.append(np.asarray(logits[:, 0]))
-    token = tgt[:, t: t + 1]
-  np.testing.assert_allclose(np.stack(steps, 1), teacher, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(
+      cached_logits(params, cache, np.repeat(encoded, beams, axis=0),
+                    flat_src, tgt), teacher, atol=1e-5, rtol=1e-5)
 
 
 def test_dropout_uses_the_rng_only_in_training_mode(params):
@@ -399,16 +398,7 @@ def test_a_cache_padded_beyond_the_encoded_positions_decodes_the_same(params):
   cache = init_cache(TINY, params, encoded, max_decode_len=5, src_len=11)
   key = cache["decoder"]["layers_0"]["cross_attention"]["cross_key"]
   assert key.shape[3] == 11 and not np.asarray(key)[..., 6:].any()
-  cached_model = Transformer(TINY, use_cache=True)
-  step = jax.jit(lambda cache, token: cached_model.apply(
-      {"params": params, "cache": cache}, encoded, src, token,
-      method=Transformer.decode, mutable=["cache"]))
-  token, steps = np.zeros((3, 1), np.int32), []
-  for t in range(5):
-    logits, variables = step(cache, token)
-    cache = variables["cache"]
-    steps.append(np.asarray(logits[:, 0]))
-    token = tgt[:, t: t + 1]
-  np.testing.assert_allclose(np.stack(steps, 1), teacher, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(cached_logits(params, cache, encoded, src, tgt),
+                             teacher, atol=1e-5, rtol=1e-5)
   with pytest.raises(ValueError, match="shorter than the encoder output"):
     init_cache(TINY, params, encoded, max_decode_len=5, src_len=4)
