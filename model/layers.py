@@ -122,10 +122,11 @@ def argmax(x):
   """Index of the largest value along the last axis (the first, on ties).
 
   ``jnp.argmax``'s result, int32: a row holding NaN gives its first NaN's
-  index, as jnp.argmax does. Written out because XLA's CPU backend lowers jnp.argmax to a variadic
-  (value, index) reduction that ran 5x slower than these two plain ones on
-  [64, 8000] logits (2.4 against 0.45 ms): a greedy decoding step's choice,
-  and training's accuracy over every target position.
+  index, as jnp.argmax does. Written out because XLA's CPU backend lowers
+  jnp.argmax to a variadic (value, index) reduction that ran 5x slower than
+  these two plain ones on [64, 8000] logits (2.4 against 0.45 ms): a greedy
+  decoding step's choice, and training's accuracy over every target
+  position.
   """
   last = x.ndim - 1
   is_max = (x == jnp.max(x, axis=last, keepdims=True)) | jnp.isnan(x)

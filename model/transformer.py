@@ -283,8 +283,7 @@ def cross_attention_cache(config: TransformerConfig, params, encoded,
 
 
 def init_cache(config: TransformerConfig, params, encoded,
-               max_decode_len: int, repeat: int = 1,
-               src_len: int | None = None, cross=None) -> Any:
+               max_decode_len: int, repeat: int = 1, cross=None) -> Any:
   """The cache of ``Transformer(config, use_cache=True)`` for one batch.
 
   encoded: the encoder output [batch, src_len, d_model]. Self-attention
@@ -292,19 +291,16 @@ def init_cache(config: TransformerConfig, params, encoded,
   searches pass their first cache length and pad the cache as it fills:
   ``decoding.cache_lengths``); the
   cross-attention keys/values are projected from ``encoded`` here, once
-  (``cross_attention_cache``; or given as ``cross``, its output).
+  (``cross_attention_cache``), or given as ``cross``, its output (padded
+  beyond encoded's positions with its src_len).
   repeat: the cache is for batch * repeat rows, each sentence's ``repeat``
   rows in a row (beam search's beams): the self-attention keys/values have
   a row each, the cross-attention keys/values one per sentence, which its
   rows share (``layers.CachedCrossAttention``).
-  src_len: see ``cross_attention_cache`` (without ``cross``).
   """
   model = Transformer(config, use_cache=True)
   if cross is None:
-    cross = cross_attention_cache(config, params, encoded, src_len)
-  elif src_len is not None:
-    raise ValueError("init_cache takes src_len or cross (built with its own "
-                     "src_len), not both")
+    cross = cross_attention_cache(config, params, encoded)
   src_len = cross["layers_0"]["cross_value"].shape[2]
   batch_size = encoded.shape[0] * repeat
   src = jnp.ones((batch_size, src_len), jnp.int32)

@@ -10,7 +10,7 @@ import pytest
 
 from model import (ConfigError, Transformer, TransformerConfig,
                    attention_weights, init_cache, init_params)
-from model.transformer import DecoderLayer, EncoderLayer
+from model.transformer import DecoderLayer, EncoderLayer, cross_attention_cache
 
 TINY = TransformerConfig.preset("tiny")
 
@@ -385,9 +385,9 @@ def test_positional_encoding_follows_section_3_5():
 
 def test_a_cache_padded_beyond_the_encoded_positions_decodes_the_same(params):
   # The searches run the encoder over a batch's longest source only and pad
-  # the cross-attention keys and values to the batch's width (init_cache's
-  # src_len): behind the pad mask, the logits of teacher forcing over the
-  # whole width.
+  # the cross-attention keys and values to the batch's width
+  # (cross_attention_cache's src_len): behind the pad mask, the logits of
+  # teacher forcing over the whole width.
   rng = np.random.default_rng(6)
   src = np.pad(random_tokens(rng, (3, 6)), ((0, 0), (0, 5)))
   src[1, 4:] = 0
@@ -395,10 +395,12 @@ def test_a_cache_padded_beyond_the_encoded_positions_decodes_the_same(params):
   teacher = logits_of(params, src, tgt)
   encoded = Transformer(TINY).apply({"params": params}, src[:, :6],
                                     method=Transformer.encode)
-  cache = init_cache(TINY, params, encoded, max_decode_len=5, src_len=11)
+  cache = init_cache(TINY, params, encoded, max_decode_len=5,
+                     cross=cross_attention_cache(TINY, params, encoded,
+                                                 src_len=11))
   key = cache["decoder"]["layers_0"]["cross_attention"]["cross_key"]
   assert key.shape[3] == 11 and not np.asarray(key)[..., 6:].any()
   np.testing.assert_allclose(cached_logits(params, cache, encoded, src, tgt),
                              teacher, atol=1e-5, rtol=1e-5)
   with pytest.raises(ValueError, match="shorter than the encoder output"):
-    init_cache(TINY, params, encoded, max_decode_len=5, src_len=4)
+    cross_attention_cache(TINY, params, encoded, src_len=4)
