@@ -140,10 +140,9 @@ def compare_ctranslate2(loaded, ids, references, args) -> None:
         str(export_dir), compute_type=kind, intra_threads=max(1, cores // n),
         inter_threads=n) for kind in ("float32", "int8")})
 
-  def ours(beam, n_devices):
+  def ours(beam, devices):
     options = DecodeOptions(method="beam" if beam else "greedy", beam_size=4,
                             alpha=0.6, batch_size=args.batch_size)
-    devices = jax.local_devices()[:n_devices]
     return lambda: decode_ids(config, params, ids, options, devices)
 
   def theirs(kind, beam, n_workers):
@@ -167,16 +166,26 @@ def compare_ctranslate2(loaded, ids, references, args) -> None:
     return run
 
   systems = {}
+  # Each device compiles its own programs, and which device decodes which
+  # batch changes from pass to pass (the next free one takes the next
+  # batch): before the first pass every device decodes every batch once,
+  # alone, so that no timed pass of several devices compiles.
+  warm_ups = []
   for beam in (False, True):
     search = "beam4" if beam else "greedy"
     for n in args.devices:
       on = "" if n == 1 else f" {n} devices"
-      systems[f"ours{on} {search}"] = ours(beam, n)
+      devices = jax.local_devices()[:n]
+      systems[f"ours{on} {search}"] = ours(beam, devices)
+      if n > 1:
+        warm_ups += [ours(beam, [device]) for device in devices]
     for kind in ("float32", "int8"):
       systems[f"ctranslate2 {kind} {search}"] = theirs(kind, beam, 1)
       for n in workers:
         systems[f"ctranslate2 {kind} {n} workers {search}"] = theirs(
             kind, beam, n)
+  for warm_up in warm_ups:
+    warm_up()
   outputs = {name: run() for name, run in systems.items()}  # warm-up/compile
   times = {name: [] for name in systems}
   for _ in range(args.repeats):
