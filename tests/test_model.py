@@ -10,6 +10,7 @@ import pytest
 
 from model import (ConfigError, Transformer, TransformerConfig,
                    attention_weights, init_cache, init_params)
+from model import decoding
 from model.transformer import DecoderLayer, EncoderLayer, cross_attention_cache
 
 TINY = TransformerConfig.preset("tiny")
@@ -234,6 +235,57 @@ def test_beams_sharing_a_sentences_cross_cache_decode_as_repeated_rows(
   np.testing.assert_allclose(
       cached_logits(params, cache, np.repeat(encoded, beams, axis=0),
                     flat_src, tgt), teacher, atol=1e-5, rtol=1e-5)
+
+
+def test_beams_following_their_parents_decode_their_whole_histories(params):
+  # Each step of beam search the surviving hypotheses continue other beams'
+  # (random parents here, a parent often chosen twice): a first child keeps
+  # its parent's slot, the others get the slots left without a child, and
+  # their parents' histories are copied there. Each step's logits against
+  # teacher forcing of each slot's whole history, rebuilt here from the
+  # parents and tokens.
+  rng = np.random.default_rng(7)
+  sentences, beams, steps = 3, 4, 7
+  src = np.pad(random_tokens(rng, (sentences, 6)), ((0, 0), (0, 2)))
+  src[1, 4:] = 0
+  fed = random_tokens(rng, (sentences * beams, steps))
+  parents = rng.integers(0, beams, size=(steps, sentences, beams))
+  parents[1, 0] = [2, 2, 2, 2]   # one parent for the whole beam
+  parents[2, 0] = [3, 2, 1, 0]   # every hypothesis one child
+  encoded = Transformer(TINY).apply({"params": params}, src,
+                                    method=Transformer.encode)
+  cache = init_cache(TINY, params, encoded, max_decode_len=steps,
+                     repeat=beams)
+  flat_src = np.repeat(src, beams, axis=0)
+  model = Transformer(TINY, use_cache=True)
+  step = jax.jit(lambda cache, token: model.apply(
+      {"params": params, "cache": cache}, np.repeat(encoded, beams, axis=0),
+      flat_src, token, method=Transformer.decode, mutable=["cache"]))
+  history = [[[] for _ in range(beams)] for _ in range(sentences)]
+  token = np.zeros((sentences * beams, 1), np.int32)
+  for t in range(steps):
+    if t:
+      parent = jnp.asarray(parents[t])
+      slot, copied = decoding._keep_slots(parent, beams)
+      cache = decoding._copy_histories(cache, parent, slot, copied, beams)
+      slot, copied = np.asarray(slot), np.asarray(copied)
+      moved = [[None] * beams for _ in range(sentences)]
+      for b in range(sentences):
+        assert sorted(slot[b]) == list(range(beams))
+        kept = ~copied[b]
+        assert np.all(slot[b][kept] == parents[t, b][kept])
+        assert kept.sum() == len(set(parents[t, b]))
+        for k in range(beams):
+          moved[b][slot[b, k]] = (history[b][parents[t, b, k]] +
+                                  [fed[b * beams + slot[b, k], t - 1]])
+      history = moved
+      token = fed[:, t - 1:t]
+    logits, variables = step(cache, token)
+    cache = variables["cache"]
+    tgt = np.array([h + [2] for row in history for h in row], np.int32)
+    np.testing.assert_allclose(np.asarray(logits[:, 0]),
+                               logits_of(params, flat_src, tgt)[:, t],
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_dropout_uses_the_rng_only_in_training_mode(params):
