@@ -45,7 +45,7 @@ PARTS = (
     ("layer norm", r"_norm/|final_norm|LayerNorm|layer_norm"),
     ("KV cache write", r"attention/dynamic_update_slice"),
     ("output layer / embedding", r"attend|_embedding|output_projection|Embed"),
-    ("search (top-k, gather, cache reorder)", r"top_k|sort|_gather_beams|copy_histories|argmax|_beam_segment\)?/while/body/gather"),
+    ("search (top-k, gather, beam history copies)", r"top_k|sort|_gather_beams|copy_histories|argmax|_beam_segment\)?/while/body/gather"),
     ("loss (log-softmax, smoothing)", r"logsumexp|loss|label_smooth|log_softmax|cross_entropy"),
     ("attention projections (q, k, v, out)", r"attention/(query|key|value|out)/"),
     ("attention scores, softmax, mask", r"attention/|dot_product|softmax"),

@@ -33,7 +33,11 @@ def test_hlo_index_names_flax_module_paths():
   ) == "layer norm"
   assert profile.part_of(
       "fusion", "jit(x)/jit(_beam_segment)/while/body/gather"
-  ) == "search (top-k, gather, cache reorder)"
+  ) == "search (top-k, gather, beam history copies)"
+  assert profile.part_of(
+      "fusion",
+      "jit(x)/jit(_beam_segment)/while/body/copy_histories/while/body/"
+      "dynamic_slice") == "search (top-k, gather, beam history copies)"
   assert profile.part_of("copy", "") == profile.OTHER
 
 
