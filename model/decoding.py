@@ -621,35 +621,54 @@ def _keep_slots(parent, beam_size: int):
 
 
 _SELF_ATTENTION_LEAVES = ("cached_key", "cached_value")
+# Histories are copied this many rows at a time: a gather and a scatter per
+# block and layer, where a slice and an update per row paid a loop
+# iteration's overhead per row (61 rows of a [256, 4, 64, 48] cache in six
+# leaves: 2.9 ms in blocks of 16 against 4.8 ms row by row, measured).
+_COPY_BLOCK = 16
 
 
 def _copy_histories(cache, parent, slot, copied, beam_size: int):
   """The self-attention caches with each copied hypothesis' history (its
   parent's keys and values, [heads, cache_len, head_dim] in every layer)
-  moved into its slot, in place, one row after another.
+  moved into its slot, in place, ``_COPY_BLOCK`` rows at a time.
 
   Beam search's hypotheses keep their parents' slots where they can
   (``_keep_slots``), so this moves the rows of the second and later
   children only (24% of the live hypotheses on the bible_es_en test split,
   beam 4), where gathering the whole cache to follow the beams rewrote
   every row of every layer at every step (30% of beam search's time).
+  No slot is both copied to and copied from, so the blocks' order and
+  their rows' order do not matter.
   """
   batch = parent.shape[0]
+  rows = batch * beam_size
+  block = min(_COPY_BLOCK, rows)
+  blocks = -(-rows // block)
   base = jnp.arange(batch)[:, None] * beam_size
   order = jnp.argsort(~copied.reshape(-1), stable=True)     # copies first
-  sources = (base + parent).reshape(-1)[order]
-  targets = (base + slot).reshape(-1)[order]
-  zero = jnp.zeros((), jnp.int32)
+  padding = blocks * block - rows
+  sources = jnp.pad((base + parent).reshape(-1)[order], (0, padding))
+  targets = jnp.pad((base + slot).reshape(-1)[order], (0, padding))
+  count = jnp.sum(copied)
 
-  def move(i, cache):
+  def move(j, cache):
+    start = j * block
+    source = lax.dynamic_slice_in_dim(sources, start, block)
+    # The block's rows past the last copy go out of range (each to its
+    # own index, as unique_indices promises): dropped.
+    lanes = jnp.arange(block)
+    target = jnp.where(start + lanes < count,
+                       lax.dynamic_slice_in_dim(targets, start, block),
+                       rows + lanes)
+
     def one(path, x):
       if path[-1].key not in _SELF_ATTENTION_LEAVES:
         return x
-      row = lax.dynamic_slice_in_dim(x, sources[i], 1, axis=0)
-      return lax.dynamic_update_slice(x, row, (targets[i],) + (zero,) * (x.ndim - 1))
+      return x.at[target].set(x[source], mode="drop", unique_indices=True)
     return jax.tree_util.tree_map_with_path(one, cache)
   with jax.named_scope("copy_histories"):   # named in profiles
-    return lax.fori_loop(0, jnp.sum(copied), move, cache)
+    return lax.fori_loop(0, -(-count // block), move, cache)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "beam_size",

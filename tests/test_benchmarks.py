@@ -1,8 +1,14 @@
-"""The profile benchmark's bookkeeping: trace events mapped to model parts."""
+"""The benchmarks' bookkeeping: the profile's trace events mapped to model
+parts, decode_ab's two versions of the searches, the training benchmark on
+two devices."""
+
+import pathlib
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from benchmarks import profile
 
@@ -71,3 +77,44 @@ def test_training_benchmark_two_devices_train_like_one():
   one, two = records
   assert one["steps_per_s"] > 0 and two["steps_per_s"] > 0
   assert abs(one["final_loss"] - two["final_loss"]) < 1e-3 * one["final_loss"]
+
+
+def _tiny_search_inputs():
+  from model import TransformerConfig, init_params  # pylint: disable=import-outside-toplevel
+  config = TransformerConfig.preset("tiny", num_encoder_layers=1,
+                                    num_decoder_layers=1)
+  params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))
+  rng = np.random.RandomState(0)
+  batches = [jnp.asarray(rng.randint(3, config.vocab_size, size=(4, width)),
+                         jnp.int32) for width in (8, 16)]
+  return config, params, batches
+
+
+def test_decode_ab_times_both_versions_and_tells_different_tokens(tmp_path):
+  from benchmarks import decode_ab  # pylint: disable=import-outside-toplevel
+  from model import decoding  # pylint: disable=import-outside-toplevel
+  config, params, batches = _tiny_search_inputs()
+  source = pathlib.Path(decoding.__file__).read_text()
+  same = tmp_path / "same.py"
+  same.write_text(source)
+  assert "return layers.argmax(logits)" in source
+  argmin = tmp_path / "argmin.py"   # greedy picks the least likely token
+  argmin.write_text(source.replace("return layers.argmax(logits)",
+                                   "return layers.argmax(-logits)"))
+  for path, expected in ((same, True), (argmin, False)):
+    versions = {"ours": decoding,
+                "theirs": decode_ab.load_decoding(path, f"model.{path.stem}")}
+    result = decode_ab.compare(versions, config, params, batches, "greedy",
+                               rounds=2)
+    assert result["same_tokens"] is expected
+    assert all(len(s) == 2 and min(s) > 0
+               for s in result["seconds"].values())
+
+
+def test_decode_ab_refuses_a_missing_checkout(tmp_path, monkeypatch, capsys):
+  from benchmarks import decode_ab  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr("sys.argv", ["decode_ab", f"--against={tmp_path}"])
+  with pytest.raises(SystemExit) as e:
+    decode_ab.main()
+  assert e.value.code == 2
+  assert "model/decoding.py" in capsys.readouterr().err

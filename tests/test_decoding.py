@@ -470,3 +470,34 @@ def test_the_encoder_runs_over_the_longest_source_not_the_padding(params,
     assert strip(got.sequences[:, k]) == strip(want.sequences[:, k])
   np.testing.assert_allclose(np.asarray(got.scores), np.asarray(want.scores),
                              rtol=1e-5)
+
+
+def test_copy_histories_moves_parents_rows_in_several_blocks():
+  # 12 sentences x 4 beams = 48 rows: with random parents more rows are
+  # copied than one block (decoding._COPY_BLOCK) holds. Each slot's keys and
+  # values must be its hypothesis' parent's, whatever moved; other leaves
+  # stay as they were.
+  rng = np.random.default_rng(3)
+  sentences, beams = 12, 4
+  rows = sentences * beams
+  parent = rng.integers(0, beams, size=(sentences, beams))
+  parent[0] = [1, 1, 1, 1]
+  leaf = lambda: rng.standard_normal((rows, 2, 5, 3)).astype(np.float32)
+  layer = {"cached_key": leaf(), "cached_value": leaf(),
+           "cross_key": leaf()}
+  cache = {"decoder": {"layers_0": {"self_attention": layer}}}
+  slot, copied = decoding._keep_slots(jnp.asarray(parent), beams)
+  slot, copied_np = np.asarray(slot), np.asarray(copied)
+  assert copied_np.sum() > decoding._COPY_BLOCK
+  out = decoding._copy_histories(jax.tree.map(jnp.asarray, cache),
+                                 jnp.asarray(parent), jnp.asarray(slot),
+                                 copied, beams)
+  out = out["decoder"]["layers_0"]["self_attention"]
+  for name in ("cached_key", "cached_value"):
+    want = layer[name].copy()
+    for b in range(sentences):
+      for k in range(beams):
+        want[b * beams + slot[b, k]] = layer[name][b * beams + parent[b, k]]
+    np.testing.assert_array_equal(np.asarray(out[name]), want)
+  np.testing.assert_array_equal(np.asarray(out["cross_key"]),
+                                layer["cross_key"])
