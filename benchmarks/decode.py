@@ -119,6 +119,23 @@ def test_sources(args, notes, trained=None):
   return ids, config, params
 
 
+def add_source_flags(parser) -> None:
+  """The flags ``test_sources`` reads: --workdir, --checkpoint, --tokenizer,
+  --data_dir."""
+  parser.add_argument("--workdir", default="")
+  parser.add_argument("--checkpoint", default="latest")
+  parser.add_argument("--tokenizer", default="")
+  parser.add_argument("--data_dir", default="")
+
+
+def load_test_sources(parser, args, notes, trained=None):
+  """``test_sources``, a --workdir without a checkpoint a usage error (exit 2)."""
+  try:
+    return test_sources(args, notes, trained)
+  except CheckpointNotFoundError as e:
+    parser.error(str(e))
+
+
 def compare_ctranslate2(loaded, ids, references, args) -> None:
   """Times and scores this project's searches against CTranslate2's."""
   import os  # pylint: disable=import-outside-toplevel
@@ -241,32 +258,30 @@ def _time_alternating(fns, batches, repeats: int):
 # rows only where the cache grows (``*_at_growth``, the form before
 # ``decoding.COMPACT_EVERY``); and the one-loop form over a cache of the
 # batch's whole limit (the implementation before all three, same tokens),
-# side by side.
+# side by side. Each takes the decoding module it runs (``model.decoding``
+# here; benchmarks.decode_ab passes another checkout's too).
 SEARCHES = {
-    "greedy": lambda c, p, src: decoding.greedy_search(c, p, src),
-    "greedy_all_rows": lambda c, p, src: decoding.greedy_search(
+    "greedy": lambda d, c, p, src: d.greedy_search(c, p, src),
+    "greedy_all_rows": lambda d, c, p, src: d.greedy_search(
         c, p, src, compact_rows=False),
-    "greedy_at_growth": lambda c, p, src: decoding.greedy_search(
+    "greedy_at_growth": lambda d, c, p, src: d.greedy_search(
         c, p, src, compact_every=0),
-    "greedy_one_loop": lambda c, p, src: decoding.greedy_search(
+    "greedy_one_loop": lambda d, c, p, src: d.greedy_search(
         c, p, src, grow_cache=False),
-    "beam4": lambda c, p, src: decoding.beam_search(
+    "beam4": lambda d, c, p, src: d.beam_search(
         c, p, src, beam_size=4, alpha=0.6).sequences[:, 0],
-    "beam4_all_rows": lambda c, p, src: decoding.beam_search(
+    "beam4_all_rows": lambda d, c, p, src: d.beam_search(
         c, p, src, beam_size=4, alpha=0.6, compact_rows=False).sequences[:, 0],
-    "beam4_at_growth": lambda c, p, src: decoding.beam_search(
+    "beam4_at_growth": lambda d, c, p, src: d.beam_search(
         c, p, src, beam_size=4, alpha=0.6, compact_every=0).sequences[:, 0],
-    "beam4_one_loop": lambda c, p, src: decoding.beam_search(
+    "beam4_one_loop": lambda d, c, p, src: d.beam_search(
         c, p, src, beam_size=4, alpha=0.6, grow_cache=False).sequences[:, 0],
 }
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--workdir", default="")
-  parser.add_argument("--checkpoint", default="latest")
-  parser.add_argument("--tokenizer", default="")
-  parser.add_argument("--data_dir", default="")
+  add_source_flags(parser)
   parser.add_argument("--num_verses", type=int, default=1063)
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--recompute_verses", type=int, default=64)
@@ -290,10 +305,7 @@ def main():
     parser.error("--ctranslate2 needs --workdir (a trained run)")
   notes: list[str] = []
   trained: dict = {}
-  try:
-    ids, config, params = test_sources(args, notes, trained)
-  except CheckpointNotFoundError as e:  # a wrong --workdir: a usage error
-    parser.error(str(e))
+  ids, config, params = load_test_sources(parser, args, notes, trained)
   if args.ctranslate2:
     compare_ctranslate2(trained["loaded"], ids[:args.num_verses],
                         trained["references"][:args.num_verses], args)
@@ -318,7 +330,7 @@ def main():
     parser.error(f"--methods: unknown {sorted(unknown)}; choose from "
                  f"{list(SEARCHES)}")
   timed = _time_alternating(
-      {name: functools.partial(SEARCHES[name], config, params)
+      {name: functools.partial(SEARCHES[name], decoding, config, params)
        for name in methods}, batches, args.repeats)
   for name in methods:
     record(name, len(ids), *timed[name], goal=GOALS[name.split("_")[0]],

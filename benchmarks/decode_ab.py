@@ -1,8 +1,8 @@
 """A change to the searches against another checkout's, in one process.
 
     python -m benchmarks.decode_ab --against=<other checkout> [--workdir=<run>]
-        [--methods=greedy,beam4] [--num_verses=1063] [--batch_size=64]
-        [--rounds=4]
+        [--methods=greedy,beam4 (or any of benchmarks.decode's)]
+        [--num_verses=1063] [--batch_size=64] [--rounds=4]
 
 Loads ``<other checkout>/model/decoding.py`` beside this checkout's
 ``model.decoding`` (the model, layers and everything else are this
@@ -34,13 +34,9 @@ import jax
 import numpy as np
 
 from benchmarks.common import emit, machine, table
+from benchmarks.decode import SEARCHES, add_source_flags, load_test_sources
 from model import decoding
-
-METHODS = {
-    "greedy": lambda d, c, p, src: d.greedy_search(c, p, src),
-    "beam4": lambda d, c, p, src: d.beam_search(
-        c, p, src, beam_size=4, alpha=0.6).sequences[:, 0],
-}
+from train.translation import make_batches
 
 
 def load_decoding(path: pathlib.Path, name: str = "model.decoding_against"):
@@ -59,7 +55,7 @@ def compare(versions: dict, config, params, batches, method: str,
 
   versions: {name: decoding module}; batches: src int32 arrays.
   """
-  search = METHODS[method]
+  search = SEARCHES[method]
   outputs = {name: [np.asarray(search(d, config, params, src))
                     for src in batches]
              for name, d in versions.items()}   # compiles
@@ -84,12 +80,9 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--against", required=True,
                       help="another checkout (or its model/decoding.py)")
-  parser.add_argument("--workdir", default="")
-  parser.add_argument("--checkpoint", default="latest")
-  parser.add_argument("--tokenizer", default="")
-  parser.add_argument("--data_dir", default="")
+  add_source_flags(parser)
   parser.add_argument("--methods", default="greedy,beam4",
-                      help="comma-separated: " + ", ".join(METHODS))
+                      help="comma-separated: " + ", ".join(SEARCHES))
   parser.add_argument("--num_verses", type=int, default=1063)
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--rounds", type=int, default=4)
@@ -101,21 +94,15 @@ def main():
     parser.error(f"--against={args.against}: no {other} (give a checkout "
                  "or its model/decoding.py)")
   methods = [m for m in args.methods.split(",") if m]
-  unknown = sorted(set(methods) - set(METHODS))
+  unknown = sorted(set(methods) - set(SEARCHES))
   if unknown or not methods:
     parser.error(f"--methods: unknown {unknown or args.methods!r}; choose "
-                 f"from {', '.join(METHODS)}")
+                 f"from {', '.join(SEARCHES)}")
   if args.rounds < 1 or args.num_verses < 1 or args.batch_size < 1:
     parser.error("--rounds, --num_verses and --batch_size must be >= 1")
 
-  from benchmarks import decode  # pylint: disable=import-outside-toplevel
-  from train.checkpointing import CheckpointNotFoundError  # pylint: disable=import-outside-toplevel
-  from train.translation import make_batches  # pylint: disable=import-outside-toplevel
   notes: list[str] = []
-  try:
-    ids, config, params = decode.test_sources(args, notes)
-  except CheckpointNotFoundError as e:  # a wrong --workdir: a usage error
-    parser.error(str(e))
+  ids, config, params = load_test_sources(parser, args, notes)
   for note in notes:
     print(f"note: {note}")
   batches = [src for _, src in make_batches(ids[:args.num_verses],
