@@ -8,6 +8,7 @@ first eos and ignores pad.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -26,6 +27,7 @@ class Tokenizer:
     vocab_size: number of ids, including pad, eos and unk.
     pad_id, eos_id, unk_id: 0, 1, 2.
     model_proto: the serialized model (bytes), as saved in spm.model.
+    fingerprint: 16 hex digits of its sha256.
   """
 
   pad_id = PAD_ID
@@ -41,6 +43,12 @@ class Tokenizer:
           f"SentencePiece model has pad/eos/unk ids {ids}, expected "
           f"{(PAD_ID, EOS_ID, UNK_ID)}; retrain it with tokenizer.train()."
       )
+
+  @property
+  def fingerprint(self) -> str:
+    """16 hex digits of the sha256 of the serialized model: what a cache of
+    ids or a checkpoint records to know which tokenizer made its ids."""
+    return hashlib.sha256(self.model_proto).hexdigest()[:16]
 
   @property
   def vocab_size(self) -> int:
