@@ -15,27 +15,28 @@ experiments/configs/__init__.py; `batch_size` is the *global* batch in rows,
 The batch layout (keys, segment ids, positions, eval `row_mask` / `index`) is
 documented in train/batches.py.
 
-Training: each process reads every `process_count`-th pair from
-`process_index` on (`jax.process_index()`/`jax.process_count()`), shuffles
-with `seed` (reshuffled every epoch), repeats forever, drops or truncates
-pairs longer than `max_len` tokens (`long_pairs`), and packs several pairs
-into each row (Grain first-fit packing). Evaluation does not pack and keeps
-the split's order; over-long eval pairs are truncated, never dropped, so
-BLEU covers the whole split (the raw references stay complete).
+Tokenizing: every split is tokenized once into flat id arrays, cached beside
+the data and reused by later runs and hosts (train/token_cache.py).
 
-Saving the iterator state in an Orbax checkpoint (Grain's handler):
-    import grain, orbax.checkpoint as ocp
-    mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(it)))
-    mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(it)))   # restores `it` in place
-Each process writes `process_<i>-of-<n>.json` (its own `it.get_state()`).
+Training: each process takes every `process_count`-th pair from
+`process_index` on (`jax.process_index()`/`jax.process_count()`), drops or
+truncates pairs longer than `max_len` tokens (`long_pairs`), shuffles with
+`seed` (reshuffled every epoch), repeats forever, and packs several pairs
+into each row (best fit, train/packing.py) in blocks of `BLOCK_PAIRS`
+pairs, whose rows are shuffled too (`PackedBatches`). Evaluation does not
+pack and keeps the split's order; over-long eval pairs are truncated, never
+dropped, so BLEU covers the whole split (the raw references stay complete).
+
+Checkpointing: train/checkpointing.py saves `it.get_state()` (JSON) in the
+Orbax checkpoint through Grain's checkpoint handler, one
+`process_<i>-of-<n>.json` per process, and restores it into a fresh iterator
+(`Checkpointer.save(step, state, it, ...)` / `.restore(step, abstract, it)`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Iterator
 
@@ -157,7 +158,14 @@ class PackedBatches:
   def get_state(self) -> dict:
     return {"epoch": self._epoch, "block": self._block, "row": self._row}
 
-  def set_state(self, state: dict) -> None:
+  def set_state(self, state: dict | bytes | str) -> None:
+    if isinstance(state, (bytes, str)):
+      state = json.loads(state)
+    if not isinstance(state, dict) or not {"epoch", "block", "row"} <= set(state):
+      raise ValueError(
+          f"Training iterator state {str(state)[:200]!r} is not this input "
+          "pipeline's ({'epoch', 'block', 'row'}): it was saved by another "
+          "version of the pipeline. Start a fresh workdir for this run.")
     self._epoch, self._block, self._row = (
         int(state["epoch"]), int(state["block"]), int(state["row"]))
 
