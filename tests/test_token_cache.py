@@ -245,3 +245,16 @@ def test_assemble_matches_a_row_by_row_layout(bible_tokenizer, tsv_config):
   for k in BATCH_KEYS:
     assert (got[k] == want[k]).all(), k
   assert plan.num_rows < 60 * 2 / 3  # several pairs a row
+
+
+def test_unwritable_cache_folder_says_which_setting(tsv_config, bible_tokenizer,
+                                                    monkeypatch):
+  config, _ = tsv_config
+  source = sources.get_source(config, config.train_split)
+
+  def refuse(*args):
+    raise PermissionError(13, "Permission denied")
+
+  monkeypatch.setattr(token_cache, "save", refuse)
+  with pytest.raises(PermissionError, match="token_cache_dir"):
+    token_cache.load_or_build(config, bible_tokenizer, source)

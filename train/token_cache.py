@@ -206,11 +206,16 @@ def load_or_build(data_config, tok, source, *, is_writer: bool | None = None,
     if not is_writer:
       return _wait_and_load(path, wait_timeout_s)
     return _build(source, tok, workers, path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with _local_lock(path):
-    if path.exists():  # another process built it while we waited
-      return load(path)
-    return _build(source, tok, workers, path)
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _local_lock(path):
+      if path.exists():  # another process built it while we waited
+        return load(path)
+      return _build(source, tok, workers, path)
+  except PermissionError as e:
+    raise PermissionError(
+        f"Cannot write the token cache {path} ({e.strerror}). Set "
+        "config.data.token_cache_dir to a writable folder.") from e
 
 
 def _build(source, tok, workers: int, path: epath.Path) -> TokenizedSplit:
