@@ -96,6 +96,10 @@ def test_pack_efficiency_on_bible_train(bible_config, bible_tokenizer):
   efficiency = input_pipeline.pack_efficiency(batches)
   print(f"pack efficiency, Bible train, max_len 128, 64 rows: {efficiency}")
   assert min(efficiency.values()) >= 0.9
+  # bible_es_en's own batch: 16 rows.
+  it = input_pipeline.make_train_iterator(bible_config, bible_tokenizer, 16)
+  efficiency = input_pipeline.pack_efficiency([next(it) for _ in range(200)])
+  assert min(efficiency.values()) >= 0.92
 
 
 def test_same_seed_same_batches_and_other_seed_differs(small_config, bible_tokenizer):
