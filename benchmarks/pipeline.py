@@ -91,6 +91,15 @@ def _spm_threads(model_proto: bytes, texts: list[str], threads: int):
   return np.concatenate(parts)
 
 
+def _cpu_seconds() -> dict[str, float]:
+  """CPU seconds (user + system) of this process and of its ended children."""
+  import resource  # pylint: disable=import-outside-toplevel
+  own = resource.getrusage(resource.RUSAGE_SELF)
+  children = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return {"self": own.ru_utime + own.ru_stime,
+          "children": children.ru_utime + children.ru_stime}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--data_dir", default="")
@@ -105,6 +114,7 @@ def main():
   parser.add_argument("--tokenize_pairs", type=int, default=1_000_000,
                       help="generated corpus size; 0 skips the tokenization part")
   parser.add_argument("--tokenize_rounds", type=int, default=2)
+  parser.add_argument("--tokenize_variants", default="workers_1,workers_2,spm_threads_2")
   args = parser.parse_args()
 
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
@@ -196,24 +206,28 @@ def main():
         "workers_2": lambda: token_cache.encode_texts(tok.model_proto, corpus, 2)[0],
         "spm_threads_2": lambda: _spm_threads(tok.model_proto, corpus, 2),
     }
+    variants = {k: variants[k] for k in args.tokenize_variants.split(",")}
     times = {k: [] for k in variants}
     sizes_seen = set()
     for round_ in range(args.tokenize_rounds):
       for name, fn in variants.items():
+        cpu = _cpu_seconds()
         start = time.perf_counter()
         ids = fn()
         times[name].append(time.perf_counter() - start)
+        cpu = {k: v - cpu[k] for k, v in _cpu_seconds().items()}
         sizes_seen.add(len(ids))
         emit(metric="tokenize", variant=name, round=round_, pairs=args.tokenize_pairs,
              sentences=len(corpus), tokens=len(ids), seconds=round(times[name][-1], 2),
+             cpu_s_this_process=round(cpu["self"], 2),
+             cpu_s_workers=round(cpu["children"], 2),
              load_avg=round(os.getloadavg()[0], 2))
     assert len(sizes_seen) == 1, "the variants encoded differently"
     med_t = {k: statistics.median(v) for k, v in times.items()}
     emit(metric="tokenize_summary", pairs=args.tokenize_pairs, rounds=args.tokenize_rounds,
          **{f"{k}_s": round(v, 2) for k, v in med_t.items()},
-         speedup_workers_2=round(med_t["workers_1"] / med_t["workers_2"], 2),
-         speedup_spm_threads_2=round(med_t["workers_1"] / med_t["spm_threads_2"], 2),
-         sentences_per_s_workers_2=round(len(corpus) / med_t["workers_2"]))
+         **{f"speedup_{k}": round(med_t["workers_1"] / v, 2)
+            for k, v in med_t.items() if "workers_1" in med_t and k != "workers_1"})
 
   print()
   print(f"{'split sizes (train/validation/test)':44s} {sizes['train']} / {sizes['validation']} / {sizes['test']}")
@@ -221,7 +235,7 @@ def main():
     print(f"{name + ' batches/s (1 core, ' + str(args.batch_size) + ' x ' + str(config.max_len) + ')':44s} "
           f"{m['batches_per_s']:.1f}  pack efficiency src/tgt "
           f"{m['pack_efficiency_src']:.3f} / {m['pack_efficiency_tgt']:.3f}")
-  if args.tokenize_pairs:
+  if args.tokenize_pairs and {"workers_1", "workers_2"} <= set(med_t):
     print(f"{'tokenize ' + str(args.tokenize_pairs) + ' pairs: 1 / 2 workers (s)':44s} "
           f"{med_t['workers_1']:.1f} / {med_t['workers_2']:.1f}  "
           f"({med_t['workers_1'] / med_t['workers_2']:.2f}x)")
