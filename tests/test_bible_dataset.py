@@ -196,3 +196,19 @@ def test_two_processes_building_at_once_both_succeed(tmp_path):
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
     assert out.strip().splitlines()[-1] == "1063"
+
+
+def test_reading_prepared_data_does_not_import_pysword(bible_data_dir):
+  """Only building needs pysword: a host with the data prepared may lack it."""
+  script = (
+      "import sys; sys.modules['pysword'] = None\n"  # any `import pysword` fails
+      "from experiments import configs\n"
+      "from train.datasets import sources\n"
+      "config = configs.data_config(); config.data_dir = sys.argv[1]\n"
+      "source = sources.get_source(config, 'test')\n"
+      "print(len(source), 'pysword' in sys.modules and sys.modules['pysword'] is not None)\n"
+  )
+  out = subprocess.run([sys.executable, "-c", script, bible_data_dir],
+                       capture_output=True, text=True, check=True, timeout=300)
+  count, imported = out.stdout.split()
+  assert int(count) > 1000 and imported == "False"

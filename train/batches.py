@@ -9,6 +9,8 @@ A batch is a dict of np.int32 ``[rows, max_len]`` arrays (``BATCH_KEYS``):
   src_positions,        position inside its pair, restarting at 0 per pair
   tgt_positions         (0 on padding).
 
+Training batches come from train/input_pipeline.py (rows packed by
+train/packing.py from the cached ids of train/token_cache.py).
 Evaluation batches add ``row_mask`` (``[rows]``, 1 = real row) and ``index``
 (``[rows]``: the pair's index in the split, -1 for padding rows).
 

@@ -15,29 +15,29 @@ experiments/configs/__init__.py; `batch_size` is the *global* batch in rows,
 The batch layout (keys, segment ids, positions, eval `row_mask` / `index`) is
 documented in train/batches.py.
 
-Training: each process reads every `process_count`-th pair from
-`process_index` on (`jax.process_index()`/`jax.process_count()`), shuffles
-with `seed` (reshuffled every epoch), repeats forever, drops or truncates
-pairs longer than `max_len` tokens (`long_pairs`), and packs several pairs
-into each row (Grain first-fit packing). Evaluation does not pack and keeps
-the split's order; over-long eval pairs are truncated, never dropped, so
-BLEU covers the whole split (the raw references stay complete).
+Tokenizing: every split is tokenized once into flat id arrays, cached beside
+the data and reused by later runs and hosts (train/token_cache.py).
 
-Saving the iterator state in an Orbax checkpoint (Grain's handler):
-    import grain, orbax.checkpoint as ocp
-    mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(it)))
-    mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(it)))   # restores `it` in place
-Each process writes `process_<i>-of-<n>.json` (its own `it.get_state()`).
+Training: each process takes every `process_count`-th pair from
+`process_index` on (`jax.process_index()`/`jax.process_count()`), drops or
+truncates pairs longer than `max_len` tokens (`long_pairs`), shuffles with
+`seed` (reshuffled every epoch), repeats forever, and packs several pairs
+into each row (best fit, train/packing.py) in blocks of `BLOCK_PAIRS`
+pairs, whose rows are shuffled too (`PackedBatches`). Evaluation does not
+pack and keeps the split's order; over-long eval pairs are truncated, never
+dropped, so BLEU covers the whole split (the raw references stay complete).
+
+Checkpointing: train/checkpointing.py saves `it.get_state()` (JSON) in the
+Orbax checkpoint through Grain's checkpoint handler, one
+`process_<i>-of-<n>.json` per process, and restores it into a fresh iterator
+(`Checkpointer.save(step, state, it, ...)` / `.restore(step, abstract, it)`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
-import threading
 from collections.abc import Iterator
 
 import grain
@@ -46,10 +46,12 @@ import numpy as np
 from absl import logging
 
 import tokenizer as tokenizer_lib
-from train.batches import empty_eval_batch
+from train import packing, token_cache
+from train.batches import BATCH_KEYS, empty_eval_batch
 from train.datasets import sources
 
 LONG_PAIRS = ("drop", "truncate")
+BLOCK_PAIRS = 1 << 16  # pairs packed at a time (one Bible epoch; WMT: ~70 a epoch)
 
 
 # --- tokenizer ---------------------------------------------------------------
@@ -74,62 +76,39 @@ def train_or_load_tokenizer(data_config, workdir: str) -> tokenizer_lib.Tokenize
   )
 
 
-# --- tokenize and limit length -------------------------------------------------
+# --- length limit ----------------------------------------------------------------
 
 
 @dataclasses.dataclass
 class LengthStats:
-  """Counts of pairs seen by the length limit (approximate under threads)."""
+  """Counts of pairs seen by the length limit."""
 
   seen: int = 0
   dropped: int = 0
   truncated: int = 0
 
 
-class _TokenizeAndLimit:
-  """{"src": str, "tgt": str} -> {"src": ids, "tgt": ids}, or None if dropped."""
+@dataclasses.dataclass
+class LengthLimit:
+  """Which pairs of a shard train, and how many were dropped or truncated."""
 
-  def __init__(self, tok, max_len: int, long_pairs: str, epoch_size: int,
-               what: str):
-    if long_pairs not in LONG_PAIRS:
-      raise ValueError(
-          f"config.data.long_pairs={long_pairs!r}; use one of {LONG_PAIRS}."
-      )
-    self._tok = tok
-    self._max_len = max_len
-    self._truncate = long_pairs == "truncate"
-    self._epoch_size = epoch_size
-    self._what = what
-    self._lock = threading.Lock()
-    self.stats = LengthStats()
+  kept: np.ndarray  # int64 [pairs kept]: indices into the tokenized split
+  stats: LengthStats
 
-  def _limit(self, ids: np.ndarray) -> np.ndarray:
-    return np.append(ids[: self._max_len - 1], np.int32(self._tok.eos_id))
 
-  def __call__(self, pair: dict[str, str]) -> dict[str, np.ndarray] | None:
-    src, tgt = self._tok.encode_batch([pair["src"], pair["tgt"]])
-    too_long = len(src) > self._max_len or len(tgt) > self._max_len
-    with self._lock:
-      self.stats.seen += 1
-      if too_long:
-        if self._truncate:
-          self.stats.truncated += 1
-        else:
-          self.stats.dropped += 1
-      if self.stats.seen == self._epoch_size:
-        self.log()
-    if too_long:
-      if not self._truncate:
-        return None
-      src, tgt = self._limit(src), self._limit(tgt)
-    return {"src": src, "tgt": tgt}
-
-  def log(self):
-    logging.info(
-        "%s: %d pairs read, %d longer than max_len=%d dropped, %d truncated.",
-        self._what, self.stats.seen, self.stats.dropped, self._max_len,
-        self.stats.truncated,
+def limit_lengths(tokenized: token_cache.TokenizedSplit, shard: np.ndarray,
+                  max_len: int, long_pairs: str) -> LengthLimit:
+  """Applies `long_pairs` ("drop" | "truncate") to the pairs `shard`."""
+  if long_pairs not in LONG_PAIRS:
+    raise ValueError(
+        f"config.data.long_pairs={long_pairs!r}; use one of {LONG_PAIRS}."
     )
+  too_long = ((tokenized.src_lengths()[shard] > max_len)
+              | (tokenized.tgt_lengths()[shard] > max_len))
+  num_long = int(too_long.sum())
+  if long_pairs == "truncate":
+    return LengthLimit(shard, LengthStats(len(shard), 0, num_long))
+  return LengthLimit(shard[~too_long], LengthStats(len(shard), num_long, 0))
 
 
 # --- training --------------------------------------------------------------------
@@ -144,6 +123,99 @@ def _host_rows(batch_size: int, process_count: int) -> int:
   return batch_size // process_count
 
 
+class PackedBatches:
+  """Packed host batches from a tokenized split: an iterator with state.
+
+  Epoch e visits the kept pairs in the order of a permutation drawn from
+  (seed, e); the order is cut into blocks of `block_pairs` pairs, each block
+  packed (train/packing.py) and its rows shuffled with (seed, e, block). The
+  rows of all blocks and epochs form one stream; each batch is the next
+  `rows` rows of it (the last batch of a finite run may be shorter).
+
+  get_state() -> {"epoch", "block", "row"}: where the next batch starts, a
+  JSON-able dict; set_state() of it reproduces exactly the batches that
+  followed. Batch i depends only on (data, seed, i): same seed, same batches.
+  """
+
+  def __init__(self, tokenized: token_cache.TokenizedSplit, kept: np.ndarray,
+               *, rows: int, max_len: int, eos_id: int, seed: int,
+               open_bins: int, num_epochs: int | None = None,
+               block_pairs: int = BLOCK_PAIRS):
+    if not len(kept):
+      raise ValueError("No training pairs left to pack (all longer than "
+                       "max_len?); raise config.data.max_len or set "
+                       "config.data.long_pairs='truncate'.")
+    self._tokenized, self._kept = tokenized, kept
+    self._rows, self._max_len, self._eos_id = rows, max_len, eos_id
+    self._seed, self._open_bins = seed, open_bins
+    self._num_epochs, self._block_pairs = num_epochs, block_pairs
+    self._src_len = np.minimum(tokenized.src_lengths(), max_len)
+    self._tgt_len = np.minimum(tokenized.tgt_lengths(), max_len)
+    self._epoch = self._block = self._row = 0
+    self._order = (-1, None)  # (epoch, its pair order)
+    self._packed = (None, None)  # ((epoch, block), its rows)
+
+  def get_state(self) -> dict:
+    return {"epoch": self._epoch, "block": self._block, "row": self._row}
+
+  def set_state(self, state: dict | bytes | str) -> None:
+    if isinstance(state, (bytes, str)):
+      state = json.loads(state)
+    if not isinstance(state, dict) or not {"epoch", "block", "row"} <= set(state):
+      raise ValueError(
+          f"Training iterator state {str(state)[:200]!r} is not this input "
+          "pipeline's ({'epoch', 'block', 'row'}): it was saved by another "
+          "version of the pipeline. Start a fresh workdir for this run.")
+    self._epoch, self._block, self._row = (
+        int(state["epoch"]), int(state["block"]), int(state["row"]))
+
+  def __iter__(self):
+    return self
+
+  def _epoch_order(self) -> np.ndarray:
+    if self._order[0] != self._epoch:
+      rng = np.random.default_rng([self._seed, self._epoch])
+      self._order = (self._epoch, self._kept[rng.permutation(len(self._kept))])
+    return self._order[1]
+
+  def _block_rows(self) -> dict[str, np.ndarray]:
+    """The current block's rows, each [block rows, max_len]."""
+    key = (self._epoch, self._block)
+    if self._packed[0] != key:
+      start = self._block * self._block_pairs
+      pairs = self._epoch_order()[start:start + self._block_pairs]
+      plan = packing.pack(self._src_len[pairs], self._tgt_len[pairs],
+                          self._max_len, self._open_bins)
+      rng = np.random.default_rng([self._seed, self._epoch, self._block])
+      plan.row = rng.permutation(plan.num_rows)[plan.row]
+      self._packed = (key, packing.assemble(
+          self._tokenized, pairs, plan, self._max_len, self._eos_id))
+    return self._packed[1]
+
+  def _advance_block(self) -> None:
+    self._row = 0
+    self._block += 1
+    if self._block * self._block_pairs >= len(self._kept):
+      self._block = 0
+      self._epoch += 1
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    pieces, need = [], self._rows
+    while need and (self._num_epochs is None or self._epoch < self._num_epochs):
+      block = self._block_rows()
+      take = min(need, len(block["src"]) - self._row)
+      pieces.append({k: v[self._row:self._row + take] for k, v in block.items()})
+      self._row += take
+      need -= take
+      if self._row == len(block["src"]):
+        self._advance_block()
+    if not pieces:
+      raise StopIteration
+    if len(pieces) == 1:
+      return {k: v.copy() for k, v in pieces[0].items()}
+    return {k: np.concatenate([p[k] for p in pieces]) for k in BATCH_KEYS}
+
+
 def make_train_dataset(
     data_config,
     tok: tokenizer_lib.Tokenizer,
@@ -152,51 +224,45 @@ def make_train_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
     num_epochs: int | None = None,
-) -> tuple[grain.IterDataset, _TokenizeAndLimit]:
-  """The packed, batched training `IterDataset` of this process.
+    block_pairs: int = BLOCK_PAIRS,
+) -> tuple[PackedBatches, LengthLimit]:
+  """The packed training batches of this process.
 
-  `num_epochs=None` repeats forever and drops nothing; a finite `num_epochs`
-  (tests, one-off passes) keeps the last, partial batch.
+  `num_epochs=None` repeats forever; a finite `num_epochs` (tests, one-off
+  passes) ends with the last, possibly partial batch.
 
   Returns:
-    (dataset of dicts of np.int32 [batch_size // process_count, max_len],
-     the length limiter, whose `.stats` counts dropped/truncated pairs).
+    (iterator of dicts of np.int32 [batch_size // process_count, max_len],
+     the length limit, whose `.stats` counts dropped/truncated pairs).
   """
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
   rows = _host_rows(batch_size, pc)
   source = sources.get_source(data_config, data_config.train_split)
-  ds = grain.MapDataset.source(source)[pi::pc]
-  if len(ds) == 0:
+  tokenized = token_cache.load_or_build(data_config, tok, source)
+  shard = np.arange(pi, len(tokenized), pc, dtype=np.int64)
+  if len(shard) == 0:
     raise ValueError(f"No training pairs for process {pi} in {source!r}.")
-  limiter = _TokenizeAndLimit(
-      tok, data_config.max_len, data_config.long_pairs, len(ds),
-      f"{source.description} (process {pi}/{pc}, first epoch)",
-  )
-  ds = ds.shuffle(seed=data_config.seed).repeat(num_epochs)
-  ds = ds.map(limiter).filter(lambda x: x is not None)
-  ds = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=data_config.read_threads,
-      prefetch_buffer_size=data_config.prefetch_buffer_size,
-  ))
-  length = {"src": data_config.max_len, "tgt": data_config.max_len}
-  ds = grain.experimental.FirstFitPackIterDataset(
-      ds,
-      length_struct=length,
-      num_packing_bins=data_config.num_packing_bins or rows,
-      seed=data_config.seed,
-      shuffle_bins=True,
-  )
-  ds = ds.batch(rows, drop_remainder=num_epochs is None)
-  return ds, limiter
+  limit = limit_lengths(tokenized, shard, data_config.max_len,
+                        data_config.long_pairs)
+  logging.info(
+      "%s (process %d/%d): %d pairs, %d longer than max_len=%d dropped, "
+      "%d truncated.", source.description, pi, pc, limit.stats.seen,
+      limit.stats.dropped, data_config.max_len, limit.stats.truncated)
+  batches = PackedBatches(
+      tokenized, limit.kept, rows=rows, max_len=data_config.max_len,
+      eos_id=tok.eos_id, seed=data_config.seed,
+      open_bins=data_config.num_packing_bins or rows,
+      num_epochs=num_epochs, block_pairs=block_pairs)
+  return batches, limit
 
 
 def make_train_iterator(
     data_config, tok: tokenizer_lib.Tokenizer, batch_size: int, **kwargs
-) -> grain.DatasetIterator:
+) -> PackedBatches:
   """Infinite iterator of packed host batches; has get_state()/set_state()."""
-  ds, _ = make_train_dataset(data_config, tok, batch_size, **kwargs)
-  return iter(ds)
+  batches, _ = make_train_dataset(data_config, tok, batch_size, **kwargs)
+  return batches
 
 
 # --- evaluation ------------------------------------------------------------------
@@ -262,8 +328,9 @@ def make_eval_data(
   max_len = data_config.max_len
   source = sources.get_source(data_config, split or data_config.eval_split)
   pairs = source.get_many(range(len(source)))
-  src_ids = tok.encode_batch([p["src"] for p in pairs])
-  tgt_ids = tok.encode_batch([p["tgt"] for p in pairs])
+  tokenized = token_cache.load_or_build(data_config, tok, source)
+  src_ids, tgt_ids = zip(*(tokenized.pair(i) for i in range(len(pairs)))) \
+      if pairs else ((), ())
   stats = LengthStats(seen=len(pairs), truncated=sum(
       len(s) > max_len or len(t) > max_len for s, t in zip(src_ids, tgt_ids)
   ))

@@ -77,10 +77,16 @@ def data_config() -> ml_collections.ConfigDict:
   c.eval_src_file = ""
   c.eval_tgt_file = ""
   c.eval_tsv_file = ""
-  c.num_packing_bins = 0  # 0 = rows per host batch
-  c.read_threads = 2  # Grain threads tokenizing in parallel
-  c.prefetch_buffer_size = 64  # elements read ahead per host (Grain checks
-  # every buffered element per step: larger buffers cost CPU, not speed)
+  c.num_packing_bins = 0  # rows open to best-fit packing at once; 0 = rows per host batch
+  # Token ids of each split are cached (train/token_cache.py): "" = beside the
+  # data (<data_dir>/<name>/<version>/token_ids/, or the parallel_text files'
+  # folder + /token_ids/); any other folder (local or gs://) instead.
+  c.token_cache_dir = ""
+  c.tokenize_workers = 0  # processes tokenizing a split once; 0 = every core
+  # Kept so older command lines still parse; the training input no longer
+  # reads through Grain threads, so these have no effect.
+  c.read_threads = 2
+  c.prefetch_buffer_size = 64
   return c
 
 

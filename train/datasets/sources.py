@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import importlib
 import os
 import re
@@ -24,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import tensorflow_datasets as tfds
+from etils import epath
 
 from train.datasets import bible_es_en  # noqa: F401  (registers the builder)
 from train.datasets import parallel_text
@@ -35,11 +37,16 @@ class PairSource(Sequence):
   """Random access to `{"src": str, "tgt": str}` pairs (Grain data source)."""
 
   def __init__(self, records: Sequence[Any], src_key: str, tgt_key: str,
-               description: str):
+               description: str, identity: dict | None = None,
+               cache_dir: str = ""):
     self._records = records
     self._src_key = src_key
     self._tgt_key = tgt_key
     self.description = description
+    # What the token cache (train/token_cache.py) keys on, and where it keeps
+    # ids beside the data ("" = nowhere).
+    self.identity = identity or {"description": description}
+    self.cache_dir = cache_dir
 
   def __len__(self) -> int:
     return len(self._records)
@@ -86,7 +93,20 @@ def _parallel_text_source(data_config, split: str) -> PairSource:
       src_path=files["src"], tgt_path=files["tgt"], tsv_path=files["tsv"]
   )
   where = files["tsv"] or f"{files['src']} | {files['tgt']}"
-  return PairSource(_ParallelRecords(pairs), "src", "tgt", f"parallel_text {where}")
+  paths = [p for p in files.values() if p]
+  identity = {"split": prefix, "src": "src", "tgt": "tgt",
+              "files": {p: _sha256(p) for p in paths}}
+  cache_dir = os.path.join(os.path.dirname(paths[0]), "token_ids")
+  return PairSource(_ParallelRecords(pairs), "src", "tgt",
+                    f"parallel_text {where}", identity, cache_dir)
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with epath.Path(path).open("rb") as f:
+    while chunk := f.read(1 << 22):
+      digest.update(chunk)
+  return digest.hexdigest()
 
 
 _WMT = re.compile(r"^wmt(\d\d|_t2t)_translate\b")
@@ -143,10 +163,16 @@ def _tfds_source(data_config, split: str) -> PairSource:
           f"{sorted(features)}). Set config.data.source_lang / target_lang "
           "to two of those."
       )
+  info = getattr(records, "dataset_info", None)
+  identity = {"name": data_config.name, "split": split,
+              "version": str(info.version) if info else "",
+              "size": len(records), "src": data_config.source_lang,
+              "tgt": data_config.target_lang}
   return PairSource(
       records, data_config.source_lang, data_config.target_lang,
       f"{data_config.name}[{split}] {data_config.source_lang}->"
-      f"{data_config.target_lang}",
+      f"{data_config.target_lang}", identity,
+      os.path.join(info.data_dir, "token_ids") if info else "",
   )
 
 

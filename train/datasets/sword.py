@@ -14,8 +14,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-from pysword import modules as pysword_modules
-
 SWORD_PATH_ENV = "SWORD_PATH"
 DEFAULT_SWORD_PATH = "/usr/share/sword"
 
@@ -81,6 +79,8 @@ def open_modules(module_ids: list[str], path: str | None = None) -> dict:
   path = path or sword_path()
   if not os.path.isdir(os.path.join(path, "mods.d")):
     raise _missing_error(module_ids, path)
+  # Imported here: only building the dataset needs pysword, not reading it.
+  from pysword import modules as pysword_modules  # pylint: disable=import-outside-toplevel
   library = pysword_modules.SwordModules(path)
   found = library.parse_modules()
   missing = [m for m in module_ids if m not in found]
