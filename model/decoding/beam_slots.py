@@ -131,8 +131,10 @@ def _gather_histories(cache, parent, slot, copied, beam_size: int):
   where that hypothesis is ``copied``, its own elsewhere.
 
   The device mode's form, with no loop: an accelerator reads a whole cache
-  fast and pays for each loop iteration (Flax's examples/wmt and T5X follow
-  their beams by gathering the cache the same way).
+  fast, while each iteration of a loop of unknown trip count costs it a
+  launch (on a GPU, a copy of the loop's condition to the host). Flax's
+  examples/wmt and T5X follow their beams by gathering the cache the same
+  way.
   """
   batch = parent.shape[0]
   sentence = jnp.arange(batch)[:, None]
