@@ -3,7 +3,8 @@
     python -m benchmarks.decode [--workdir=<trained run>] [--num_verses=1063]
         [--batch_size=64] [--recompute_verses=64] [--repeats=3]
         [--methods=greedy,greedy_all_rows,greedy_at_growth,greedy_one_loop,
-                   beam4,beam4_all_rows,beam4_at_growth,beam4_one_loop]
+                   beam4,beam4_all_rows,beam4_at_growth,beam4_one_loop,
+                   greedy_device,beam4_device]
     python -m benchmarks.decode --workdir=<trained run> --ctranslate2 [--repeats=3]
         [--devices=1,2]
 
@@ -33,8 +34,9 @@ search keeping the rows that have ended in the batch to its end (no
 compaction between segments), ``*_at_growth`` the same search looking for
 ended rows only where the cache grows (not every ``decoding.COMPACT_EVERY``
 steps), ``*_one_loop`` the same search in one loop over a cache of the
-batch's whole limit (the form before caches grew to the filled length):
-same tokens, side by side.
+batch's whole limit (the form before caches grew to the filled length),
+``*_device`` (only when named) the whole search as one jitted program, as
+it runs on an accelerator: same tokens, side by side.
 The cache ratio compares greedy search with the KV cache against greedy
 search recomputing the decoder over the whole prefix at every step, on the
 first --recompute_verses verses (same batches, same tokens).
@@ -258,7 +260,9 @@ def _time_alternating(fns, batches, repeats: int):
 # rows only where the cache grows (``*_at_growth``, the form before
 # ``decoding.COMPACT_EVERY``); and the one-loop form over a cache of the
 # batch's whole limit (the implementation before all three, same tokens),
-# side by side. Each takes the decoding module it runs (``model.decoding``
+# side by side; ``*_device`` is decoding's device mode (one jitted program a
+# batch, the default off a CPU; here only when --methods names it). On an
+# accelerator every other name runs the device mode too (``mode="auto"``). Each takes the decoding module it runs (``model.decoding``
 # here; benchmarks.decode_ab passes another checkout's too).
 SEARCHES = {
     "greedy": lambda d, c, p, src: d.greedy_search(c, p, src),
@@ -276,7 +280,13 @@ SEARCHES = {
         c, p, src, beam_size=4, alpha=0.6, compact_every=0).sequences[:, 0],
     "beam4_one_loop": lambda d, c, p, src: d.beam_search(
         c, p, src, beam_size=4, alpha=0.6, grow_cache=False).sequences[:, 0],
+    "greedy_device": lambda d, c, p, src: d.greedy_search(
+        c, p, src, mode="device"),
+    "beam4_device": lambda d, c, p, src: d.beam_search(
+        c, p, src, beam_size=4, alpha=0.6, mode="device").sequences[:, 0],
 }
+# Run unless --methods names them: the accelerator's form on this CPU.
+DEFAULT_METHODS = [name for name in SEARCHES if not name.endswith("_device")]
 
 
 def main():
@@ -285,7 +295,7 @@ def main():
   parser.add_argument("--num_verses", type=int, default=1063)
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--recompute_verses", type=int, default=64)
-  parser.add_argument("--methods", default=",".join(SEARCHES),
+  parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                       help="comma-separated: " + ", ".join(SEARCHES))
   parser.add_argument("--ctranslate2", action="store_true",
                       help="compare with CTranslate2 on the same weights")

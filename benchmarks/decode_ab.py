@@ -4,9 +4,10 @@
         [--methods=greedy,beam4 (or any of benchmarks.decode's)]
         [--num_verses=1063] [--batch_size=64] [--rounds=4]
 
-Loads ``<other checkout>/model/decoding.py`` beside this checkout's
+Loads ``<other checkout>/model/decoding.py`` (or the package
+``model/decoding/`` that replaced it) beside this checkout's
 ``model.decoding`` (the model, layers and everything else are this
-checkout's: it compares changes to ``decoding.py`` alone) and decodes the
+checkout's: it compares changes to the searches alone) and decodes the
 same length-sorted batches of the test split with both (``benchmarks.decode``'s
 verses: the workdir's model and tokenizer, or random `small` params and
 synthetic sources without --workdir). Both decode every batch once untimed
@@ -40,9 +41,14 @@ from train.translation import make_batches
 
 
 def load_decoding(path: pathlib.Path, name: str = "model.decoding_against"):
-  """The module of another decoding.py (its imports resolve to this
-  checkout's ``model`` package)."""
-  spec = importlib.util.spec_from_file_location(name, path)
+  """The module of another decoding.py, or the package of another
+  decoding/ directory (its modules import each other relatively; their
+  other imports resolve to this checkout's ``model`` package)."""
+  if path.is_dir():
+    spec = importlib.util.spec_from_file_location(
+        name, path / "__init__.py", submodule_search_locations=[str(path)])
+  else:
+    spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   sys.modules[name] = module
   spec.loader.exec_module(module)
@@ -76,10 +82,22 @@ def compare(versions: dict, config, params, batches, method: str,
   return {"same_tokens": same, "seconds": seconds}
 
 
+def _decoding_path(path: pathlib.Path) -> pathlib.Path | None:
+  """A decoding module file or package directory at or inside path."""
+  for candidate in (path / "model" / "decoding", path / "model" / "decoding.py",
+                    path):
+    if candidate.is_dir() and (candidate / "__init__.py").is_file():
+      return candidate
+    if candidate.is_file() and candidate.suffix == ".py":
+      return candidate
+  return None
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--against", required=True,
-                      help="another checkout (or its model/decoding.py)")
+                      help="another checkout (or its model/decoding.py or "
+                           "model/decoding/)")
   add_source_flags(parser)
   parser.add_argument("--methods", default="greedy,beam4",
                       help="comma-separated: " + ", ".join(SEARCHES))
@@ -87,12 +105,11 @@ def main():
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--rounds", type=int, default=4)
   args = parser.parse_args()
-  other = pathlib.Path(args.against)
-  if other.is_dir():
-    other = other / "model" / "decoding.py"
-  if not other.is_file():
-    parser.error(f"--against={args.against}: no {other} (give a checkout "
-                 "or its model/decoding.py)")
+  other = _decoding_path(pathlib.Path(args.against))
+  if other is None:
+    parser.error(f"--against={args.against}: no model/decoding.py or "
+                 "model/decoding/__init__.py there (give a checkout, its "
+                 "model/decoding.py or its model/decoding/)")
   methods = [m for m in args.methods.split(",") if m]
   unknown = sorted(set(methods) - set(SEARCHES))
   if unknown or not methods:

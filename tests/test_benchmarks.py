@@ -3,6 +3,7 @@ parts, decode_ab's two versions of the searches, the training benchmark on
 two devices."""
 
 import pathlib
+import shutil
 
 import flax.linen as nn
 import jax
@@ -94,13 +95,17 @@ def test_decode_ab_times_both_versions_and_tells_different_tokens(tmp_path):
   from benchmarks import decode_ab  # pylint: disable=import-outside-toplevel
   from model import decoding  # pylint: disable=import-outside-toplevel
   config, params, batches = _tiny_search_inputs()
-  source = pathlib.Path(decoding.__file__).read_text()
-  same = tmp_path / "same.py"
-  same.write_text(source)
-  assert "return layers.argmax(logits)" in source
-  argmin = tmp_path / "argmin.py"   # greedy picks the least likely token
-  argmin.write_text(source.replace("return layers.argmax(logits)",
-                                   "return layers.argmax(-logits)"))
+  package = pathlib.Path(decoding.__file__).parent   # model/decoding/
+  copy = lambda to: shutil.copytree(
+      package, to, ignore=shutil.ignore_patterns("__pycache__"))
+  same = tmp_path / "same"
+  copy(same)
+  greedy = (same / "greedy.py").read_text()
+  assert "return layers.argmax(logits)" in greedy
+  argmin = tmp_path / "argmin"   # greedy picks the least likely token
+  copy(argmin)
+  (argmin / "greedy.py").write_text(greedy.replace(
+      "return layers.argmax(logits)", "return layers.argmax(-logits)"))
   for path, expected in ((same, True), (argmin, False)):
     versions = {"ours": decoding,
                 "theirs": decode_ab.load_decoding(path, f"model.{path.stem}")}

@@ -1,4 +1,4 @@
-"""Tests of model/decoding.py: greedy, beam search, sampling, the KV cache."""
+"""Tests of model/decoding/: greedy, beam search, sampling, the KV cache."""
 
 import itertools
 
@@ -255,14 +255,14 @@ def test_cache_lengths_double_up_to_the_limit():
 
 
 def _counting_grows(monkeypatch):
-  """Counts the calls of decoding._grow_cache (one per segment after the
-  first)."""
+  """Counts the calls of _grow_cache (one per segment after the first) by
+  the shared loop (decoding.segments)."""
   calls = []
-  grow = decoding._grow_cache
+  grow = decoding.segments._grow_cache
   def counted(cache, length):
     calls.append(length)
     return grow(cache, length)
-  monkeypatch.setattr(decoding, "_grow_cache", counted)
+  monkeypatch.setattr(decoding.segments, "_grow_cache", counted)
   return calls
 
 
@@ -363,11 +363,11 @@ def _random_sources(lengths, seed: int, width: int = 30):
 
 def _record_takes(monkeypatch, record):
   """Calls record(step, kept rows as a list) at every compaction."""
-  take = decoding._take_rows
+  take = decoding.segments._take_rows
   def counted(state, src, keep, **kw):
     record(int(state["step"]), np.asarray(keep).tolist())
     return take(state, src, keep, **kw)
-  monkeypatch.setattr(decoding, "_take_rows", counted)
+  monkeypatch.setattr(decoding.segments, "_take_rows", counted)
 
 
 def test_dropping_ended_rows_gives_the_tokens_of_the_whole_batch(

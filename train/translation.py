@@ -32,7 +32,9 @@ from model import EOS_ID, PAD_ID, TransformerConfig, decoding
 # length its batches reach, decoding.cache_lengths, and each batch size the
 # search shrinks to there, at most three: decoding.compacted_rows). The
 # encoder itself runs over each batch's longest source rounded up to 8
-# positions (decoding.encoder_length): one small program per multiple.
+# positions (decoding.encoder_length): one small program per multiple. On an
+# accelerator (decoding's device mode) a search is one program per batch
+# shape: one per bucket.
 LENGTH_BUCKETS = (16, 32, 64, 128, 256)
 METHODS = ("beam", "greedy", "sample")
 
@@ -50,6 +52,9 @@ class DecodeOptions:
   top_p: float = 1.0
   seed: int = 0
   batch_size: int = 64          # sentences per decoding batch
+  # Where the search decides between steps (decoding.search_mode): "auto" is
+  # one compiled program a batch on an accelerator, host reads on a CPU.
+  mode: str = "auto"
 
   def __post_init__(self):
     """ValueError naming the flag (--<field>) of an impossible setting."""
@@ -73,6 +78,8 @@ class DecodeOptions:
       fail("top_k", "must be >= 0 (0 disables it)")
     if not 0.0 < self.top_p <= 1.0:
       fail("top_p", "must lie in (0, 1] (1 disables it)")
+    if self.mode not in decoding.MODES:
+      fail("mode", f"not one of {decoding.MODES}")
 
   def tag(self) -> str:
     """A short name for file names: beam4_a0.6, greedy, sample_t1.0_k0_p0.9."""
@@ -98,15 +105,18 @@ def decode_batch(model_config, params, src: np.ndarray, options: DecodeOptions,
   if options.method == "beam":
     return decoding.beam_search(
         model_config, params, src, beam_size=options.beam_size,
-        alpha=options.alpha, max_extra_len=options.max_extra_len).sequences[:, 0]
+        alpha=options.alpha, max_extra_len=options.max_extra_len,
+        mode=options.mode).sequences[:, 0]
   if options.method == "greedy":
     return decoding.greedy_search(model_config, params, src,
-                                  max_extra_len=options.max_extra_len)
+                                  max_extra_len=options.max_extra_len,
+                                  mode=options.mode)
   rng = jax.random.fold_in(jax.random.key(options.seed), batch_index)
   return decoding.sample(model_config, params, src, rng,
                          temperature=options.temperature, top_k=options.top_k,
                          top_p=options.top_p,
-                         max_extra_len=options.max_extra_len)
+                         max_extra_len=options.max_extra_len,
+                         mode=options.mode)
 
 
 def make_batches(sources: Sequence[np.ndarray], batch_size: int,
