@@ -239,3 +239,21 @@ def test_plan_command_prints_the_run_flags(tmp_path):
                        capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and bad.stderr.startswith("error: --minutes=0")
   assert "Traceback" not in bad.stderr
+
+
+def test_a_budget_that_cannot_be_planned_is_refused_before_any_work(tmp_path):
+  # Exit 2, one line, nothing written: a decaying schedule whose length and
+  # dropout a budget would both have to fix.
+  import sys
+  workdir = tmp_path / "run"
+  done = subprocess.run(
+      [sys.executable, "-m", "train", f"--config={TINY}",
+       f"--workdir={workdir}", "--config.synthetic_data=True",
+       "--config.max_minutes=5", "--config.optimizer.schedule=linear",
+       "--config.long_run_steps=100", "--config.model.dropout_rate=0.0"],
+      cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 2, done.stderr[-3000:]
+  assert done.stderr.startswith("error: config.long_run_steps=100 with a "
+                                "linear schedule and --config.max_minutes")
+  assert len(done.stderr.strip().splitlines()) <= 2
+  assert not workdir.exists()
