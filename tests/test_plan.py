@@ -257,3 +257,36 @@ def test_a_budget_that_cannot_be_planned_is_refused_before_any_work(tmp_path):
                                 "linear schedule and --config.max_minutes")
   assert len(done.stderr.strip().splitlines()) <= 2
   assert not workdir.exists()
+
+
+def test_a_rewound_train_iterator_gives_a_new_ones_batches(tmp_path):
+  # The plan hands its input pipeline, rewound, to the trainer: the run
+  # must see the batches a new iterator gives (the real pipeline here).
+  import numpy as np
+  from ml_collections import ConfigDict
+  from experiments import configs
+  from test_trainer import _write_corpus
+  from train import input_pipeline, trainer
+  paths = _write_corpus(str(tmp_path))
+  config = configs.base_config()
+  config.data = ConfigDict(dict(configs.data_config()))
+  config.data.update({"name": "parallel_text", "vocab_size": 96,
+                      "train_tsv_file": paths["train"],
+                      "eval_tsv_file": paths["eval"], "max_len": 32})
+  config.batch_size = 8
+  tok = input_pipeline.train_or_load_tokenizer(config.data, str(tmp_path))
+  used, _ = trainer.make_data(config, tok, tok.vocab_size)
+  start = used.get_state()
+  first = [next(used) for _ in range(3)]
+  used.set_state(start)
+  trainer.hand_over_data(config, tok, tok.vocab_size, (used, "eval"))
+  handed, evaluation = trainer.make_data(config, tok, tok.vocab_size)
+  assert handed is used and evaluation == "eval"
+  fresh, _ = trainer.make_data(config, tok, tok.vocab_size)   # used once
+  assert fresh is not used
+  for a, b, c in zip(first, [next(handed) for _ in range(3)],
+                     [next(fresh) for _ in range(3)]):
+    assert a.keys() == b.keys() == c.keys()
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+      np.testing.assert_array_equal(a[k], c[k])

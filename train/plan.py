@@ -59,24 +59,28 @@ def steps_in_budget(seconds: float, step_seconds: float, eval_seconds: float,
 @dataclasses.dataclass
 class Timing:
   """Seconds measured on a new model (thrown away)."""
-  startup: float   # data, model, the first (compiling) step
-  step: float      # a train step, after the first
-  eval: float      # a validation pass (its first: compiling included)
-  bleu: float      # a BLEU pass (0 without BLEU)
+  data: float     # the input pipeline (handed on to the trainer)
+  init: float     # the model's initial state (made again by the trainer)
+  compile: float  # the first train step
+  step: float     # a train step, after the first
+  eval: float     # a validation pass (its first: compiling included)
+  bleu: float     # a BLEU pass (0 without BLEU)
 
 
-def time_run(config, workdir) -> Timing:
+def time_run(config, tok, vocab_size: int) -> Timing:
   """Times budget_timing_steps train steps after the compiling one, a
-  validation pass and a BLEU pass, on a new model and a new input iterator
-  (the run's own are made again by the trainer)."""
-  tok, vocab_size = trainer.load_tokenizer(config, workdir)
-  start = time.time()
+  validation pass and a BLEU pass, on a new model. The input pipeline,
+  rewound, and the runner go on to the trainer (``trainer.make_data``,
+  ``trainer.make_runner``): neither is prepared or compiled twice."""
+  times = [time.time()]
   model_config = trainer.model_config_for(config, vocab_size)
   runner = trainer.make_runner(config, model_config)
   train_iter, eval_data = trainer.make_data(config, tok, vocab_size)
+  start = train_iter.get_state()
+  times.append(time.time())
   init_rng, rng = jax.random.split(jax.random.key(config.seed))
-  state = runner.init_state(init_rng)
-  times = [start]
+  state = jax.block_until_ready(runner.init_state(init_rng))
+  times.append(time.time())
   for i in range(1 + config.budget_timing_steps):
     state, metrics = runner.train_step(
         state, runner.place_batch(next(train_iter)), rng)
@@ -92,28 +96,35 @@ def time_run(config, workdir) -> Timing:
                            eval_data.references, tok,
                            periodic.bleu_options(config))
   times.append(time.time())
-  startup, steps, evaluation, bleu_pass = np.diff(times)
-  return Timing(startup, steps / config.budget_timing_steps, evaluation,
-                bleu_pass)
+  train_iter.set_state(start)   # the trainer's from its first batch
+  trainer.hand_over_data(config, tok, vocab_size, (train_iter, eval_data))
+  data, init, compiling, steps, evaluation, bleu_pass = np.diff(times)
+  return Timing(data, init, compiling, steps / config.budget_timing_steps,
+                evaluation, bleu_pass)
 
 
-def resumed_from(config, workdir, checkpoint_step: int | None
+def resumed_from(config, workdir, record: dict, checkpoint_step: int | None
                  ) -> tuple[int, dict | None]:
   """(the step a launch resumes from, that checkpoint's config record);
-  (0, None) for a new run. The newest record that reads, as the trainer's
-  restore falls back past a damaged checkpoint."""
+  (0, None) for a new run. The newest record that reads, as the trainer
+  falls back past a damaged checkpoint. Refused here, before the minutes
+  of timing: a checkpoint of an incompatible config (``record``: this
+  run's), a --checkpoint step that is not there."""
   ckpt = checkpointing.Checkpointer(workdir, config.checkpoint,
                                     bleu=config.eval_bleu_every_steps > 0)
   try:
-    steps = sorted(ckpt.all_steps(), reverse=True)
-    if checkpoint_step is not None:
-      steps = [s for s in steps if s <= checkpoint_step]
-    for step in steps:
-      try:
-        return step, ckpt.restore_config(step)
-      except Exception:  # pylint: disable=broad-except
-        continue   # the trainer says which it skips, and why
-    return 0, None
+    steps = ckpt.all_steps()
+    if not steps and checkpoint_step is None:
+      return 0, None
+
+    def read(step):
+      saved = ckpt.restore_config(step)
+      if checkpointing.compare_configs(saved, record)[0]:
+        checkpointing.check_compatible(ckpt, step, record)  # names the fields
+      return saved
+    step, saved, _ = checkpointing.restore_newest(
+        ckpt.directory, steps, checkpoint_step, read)
+    return step, saved
   finally:
     ckpt.close()
 
@@ -163,7 +174,15 @@ def planned_config(config, workdir, checkpoint_step: int | None = None,
   config = ml_collections.ConfigDict(config.to_dict())
   workdir, main_say = trainer.open_workdir(config, workdir)
   say = say or main_say
-  step, saved = resumed_from(config, workdir, checkpoint_step)
+  say(f"Planning --config.max_minutes={config.max_minutes:g} in {workdir}: "
+      f"the tokenizer and data, then timing {config.budget_timing_steps} "
+      "steps after the compiling one, a validation pass and (where the run "
+      "has BLEU) a BLEU pass of a new model (the first step compiles; it can "
+      "take a while)")
+  tok, vocab_size = trainer.load_tokenizer(config, workdir)
+  record = checkpointing.config_record(
+      config, trainer.model_config_for(config, vocab_size))
+  step, saved = resumed_from(config, workdir, record, checkpoint_step)
   fixes_schedule = run_length.plans_steps_from_time(config)
   if fixes_schedule and saved:
     fixed = kept_length(config, workdir, step, saved, say)
@@ -178,17 +197,22 @@ def planned_config(config, workdir, checkpoint_step: int | None = None,
     say(f"Dropout {saved_rate:g}: the checkpoint of step {step} trained "
         "with long_run_dropout_rate")
   rate = run_length.configured_dropout(config)
-  say(f"Planning {config.max_minutes:g} min: timing "
-      f"{config.budget_timing_steps} steps after the compiling one and a "
-      f"validation pass of a new model at dropout {rate:g} (the first step "
-      "compiles; it can take a while)")
   timed = time_run(run_length.with_provisional_length(config)
-                   if fixes_schedule else config, workdir)
-  fit = step + steps_in_budget(
-      config.max_minutes * 60 - (time.time() - start_time), timed.step,
-      timed.eval, config.eval_every_steps, timed.startup,
-      bleu_seconds=timed.bleu, bleu_every=config.eval_bleu_every_steps,
-      final_seconds=timed.eval + timed.bleu)
+                   if fixes_schedule else config, tok, vocab_size)
+  seconds = config.max_minutes * 60 - (time.time() - start_time)
+  def holds(recompiles: bool) -> int:
+    # The trainer's runner is the timed one (its programs compiled) unless
+    # its program differs (the schedule's end or the dropout fixed now):
+    # then its model's init and its train step compile again.
+    return step + steps_in_budget(
+        seconds, timed.step, timed.eval, config.eval_every_steps,
+        timed.init + timed.compile if recompiles else 0.0,
+        bleu_seconds=timed.bleu, bleu_every=config.eval_bleu_every_steps,
+        final_seconds=timed.eval + timed.bleu)
+  fit = holds(fixes_schedule)
+  if chooses_dropout and run_length.dropout_for_length(
+      config, min(fit, config.num_train_steps)) != rate:
+    fit = holds(True)
   if jax.process_count() > 1:  # every host trains the same steps
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     fit = int(multihost_utils.broadcast_one_to_all(np.int32(fit)))
@@ -211,9 +235,11 @@ def planned_config(config, workdir, checkpoint_step: int | None = None,
 def timed_line(config, timed: Timing, step: int, fit: int, total: int,
                chooses_dropout: bool) -> str:
   """The console line that says what the budget holds and what follows."""
-  line = (f"Timed: {timed.step:.2f} s a step, {timed.eval:.1f} s a validation"
-          " pass" + (f", {timed.bleu:.1f} s a BLEU pass" if timed.bleu else "")
-          + ": the budget holds ")
+  line = (f"Timed: {timed.data:.1f} s to prepare the data, {timed.init:.1f}"
+          f" s the model, {timed.compile:.1f} s to compile, {timed.step:.2f} s"
+          f" a step, {timed.eval:.1f} s a validation pass" +
+          (f", {timed.bleu:.1f} s a BLEU pass" if timed.bleu else "") +
+          ": the budget holds ")
   if chooses_dropout:
     rate, now = (run_length.dropout_for_length(config, total),
                  run_length.configured_dropout(config))

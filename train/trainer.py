@@ -73,7 +73,13 @@ def load_tokenizer(config, workdir) -> tuple[tokenizer_lib.Tokenizer | None, int
 
 
 def make_data(config, tok, vocab_size: int):
-  """(train iterator, validation data) of this process."""
+  """(train iterator, validation data) of this process; the ones handed
+  over by ``hand_over_data`` where made for the same data."""
+  global _handed_over
+  key = _data_key(config, tok, vocab_size)
+  if _handed_over and _handed_over[0] == key:
+    data, _handed_over = _handed_over[1], None
+    return data
   if config.synthetic_data:
     where = dict(process_index=jax.process_index(),
                  process_count=jax.process_count())
@@ -86,6 +92,33 @@ def make_data(config, tok, vocab_size: int):
           input_pipeline.make_eval_data(config.data, tok, config.batch_size))
 
 
+# Data prepared by the budget plan (train/plan.py) in the launch that then
+# trains, its train iterator rewound to its start: preparing the pipeline
+# again would cost the run seconds to minutes of its budget. Used once.
+_handed_over: tuple[str, tuple[Any, Any]] | None = None
+
+
+def _data_key(config, tok, vocab_size: int) -> str:
+  return json.dumps([config.data.to_dict(), config.batch_size,
+                     config.synthetic_data, config.seed, int(vocab_size),
+                     tok.fingerprint if tok is not None else None],
+                    sort_keys=True, default=str)
+
+
+def hand_over_data(config, tok, vocab_size: int, data) -> None:
+  """Keeps (train iterator at its start, validation data) for the next
+  ``make_data`` of the same data in this process."""
+  global _handed_over
+  _handed_over = (_data_key(config, tok, vocab_size), data)
+
+
+# The runner last made and what it was made for. The budget plan
+# (train/plan.py) times its steps in the launch that then trains: a run of
+# the same program reuses the plan's runner, whose steps are compiled
+# (jax.jit keeps its executables per function object).
+_last_runner: tuple[str, Any] | None = None
+
+
 def make_runner(config, model_config: TransformerConfig, devices=None):
   """The steps of config.optimizer / label_smoothing, placed by
   config.parallelism, config.mesh and config.logical_axis_rules.
@@ -93,12 +126,22 @@ def make_runner(config, model_config: TransformerConfig, devices=None):
   A decaying schedule needs its decay_steps (``run_length.for_fixed_length``
   fills them in from num_train_steps).
   """
+  global _last_runner
+  key = json.dumps([config.optimizer.to_dict(), config.label_smoothing,
+                    config.batch_size, config.parallelism,
+                    config.mesh.to_dict(), config.logical_axis_rules,
+                    model_config.to_dict()], sort_keys=True, default=str)
+  if devices is None and _last_runner and _last_runner[0] == key:
+    return _last_runner[1]
   parts = steps_lib.build(model_config, config.optimizer,
                           config.label_smoothing)
-  return sharding.make_runner(
+  runner = sharding.make_runner(
       parts, config.batch_size, parallelism=config.parallelism,
       mesh_config=config.mesh, rules=config.logical_axis_rules,
       devices=devices)
+  if devices is None:
+    _last_runner = (key, runner)
+  return runner
 
 
 def save_config(record: dict, workdir: epath.Path) -> None:
@@ -242,7 +285,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   say(f"Training to step {total}" + (f" or for {config.max_minutes:g} min"
                                       if config.max_minutes > 0 else "")
       + " (the first step compiles; it can take a while)")
-  last = {}
+  last, end = {}, ""
   try:
     with stop:
       for step in range(run.step + 1, total + 1):
@@ -259,8 +302,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           checkpoints(step, state, evaluation.last if evaluation in due
                       else None)
         if end:
-          say(stop.message(step, end))
           break
+    if stop.message(step, end):
+      say(stop.message(step, end))
   finally:
     try:
       run.ckpt.close()  # waits for the last save: CheckpointWriteError if it failed
