@@ -9,10 +9,11 @@ the flags of the run the budget holds: ``--config.num_train_steps=N``, the
 dropout that length gets (``long_run_steps`` / ``long_run_dropout_rate``)
 and, for a decaying schedule, where it ends. The timed model is thrown
 away. ``python -m train --config.max_minutes=N`` calls ``planned_config``
-first, in the same launch (its own time counts against the budget), so the
-trainer always trains to a step count, and a run is reproduced from its
-record by that count (``--config.max_minutes=0``); max_minutes stays in the
-record as a safety stop.
+first, in the same launch (its own time counts against the budget; its
+input pipeline, rewound, and its compiled runner go on to the trainer), so
+the trainer always trains to a step count, and a run is reproduced from
+its record by that count (``--config.max_minutes=0``); max_minutes stays in
+the record as a safety stop.
 
 Resumed runs: the budget holds steps after the checkpoint's; a decaying
 schedule's length, once fixed by a run's first launch, is kept; a run that
