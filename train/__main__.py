@@ -2,6 +2,8 @@
 
 Any config field can be overridden: --config.num_train_steps=2000
 --config.optimizer.learning_rate_scale=2 --config.mesh.data=-1 ...
+With --config.max_minutes=N the budget is planned first (train/plan.py:
+timed steps fix num_train_steps); the trainer then trains to that step count.
 Rerunning with the same --workdir resumes from its newest checkpoint that
 restores, or from --checkpoint=<step>; newer steps (damaged, or passed
 over) are moved to <workdir>/checkpoints_set_aside/, never deleted.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -84,6 +87,11 @@ def parse_flags(argv):
   return rest
 
 
+def checkpoint_flag() -> int | None:
+  """--checkpoint as a step, or None for the latest."""
+  return None if _CHECKPOINT.value == "latest" else int(_CHECKPOINT.value)
+
+
 def _ignore_callbacks_on_closed_loops():
   """A failing background save (a full disk) leaves tensorstore callbacks
   that fire on Orbax's closed asyncio loop, each reporting its RuntimeError
@@ -104,12 +112,16 @@ def main(argv):
   _ignore_callbacks_on_closed_loops()
   # Imported here so --help is fast and jax starts after flag parsing.
   from model import ConfigError  # pylint: disable=g-import-not-at-top
-  from train import checkpointing, cli, trainer  # pylint: disable=g-import-not-at-top
+  from train import checkpointing, cli, plan, trainer  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
   cli.use_compilation_cache()  # a resumed run reads its programs back
   try:
-    step = None if _CHECKPOINT.value == "latest" else int(_CHECKPOINT.value)
-    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, step)
+    step, start_time = checkpoint_flag(), time.time()
+    # A budget (max_minutes) becomes a step count first; the launch's wall
+    # time, the planning's included, counts against it.
+    config = plan.planned_config(_CONFIG.value, _WORKDIR.value, step,
+                                 start_time)
+    trainer.train_and_evaluate(config, _WORKDIR.value, step, start_time)
   except (ConfigError, checkpointing.IncompatibleCheckpointError,
           checkpointing.CheckpointNotFoundError) as e:
     _usage_error(str(e))

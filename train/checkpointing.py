@@ -137,7 +137,7 @@ def _structural(experiment: dict[str, Any]) -> dict[str, Any]:
 
 # Model fields that only change how training perturbs the activations, not
 # the params or the state: a run may resume with other values (a run that
-# turns long gets its dropout then, trainer.dropout_for_length).
+# turns long gets its dropout then, run_length.dropout_for_length).
 TRAINING_ONLY_MODEL_FIELDS = ("dropout_rate", "attention_dropout_rate",
                               "dropout_impl")
 

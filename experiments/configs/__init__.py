@@ -128,18 +128,19 @@ def base_config() -> ml_collections.ConfigDict:
       ema_decay=0.0,
   ))
 
-  # Length of training: whichever comes first. max_minutes: wall time of one
-  # launch (data prep + compile included), 0 = no budget. A decaying schedule
-  # (optimizer.schedule cosine / linear / wsd, decay_steps 0) with a budget times
-  # budget_timing_steps steps after the first and one validation pass, then
-  # fixes num_train_steps to what the budget holds (train/trainer.py,
-  # plans_steps_from_time); the timed steps must end inside the warm-up.
+  # Length of training: num_train_steps. max_minutes: a wall-time budget for
+  # one launch (data prep + compile included), 0 = none. `python -m train`
+  # plans it first (train/plan.py): it times budget_timing_steps steps of a
+  # new model after the first, a validation pass and a BLEU pass, then fixes
+  # num_train_steps to what the budget holds (never more than the config's;
+  # a decaying schedule, decay_steps 0, ends there, its timed steps inside
+  # the warm-up); the trainer keeps max_minutes as a safety stop.
   c.num_train_steps = 100_000
   c.max_minutes = 0.0
   c.budget_timing_steps = 20
   # A run of long_run_steps steps or more (num_train_steps, or with
-  # max_minutes what the budget holds, timed as above; 0 = never) trains with
-  # model.dropout_rate = long_run_dropout_rate (train/trainer.py,
+  # max_minutes what the budget holds, planned as above; 0 = never) trains
+  # with model.dropout_rate = long_run_dropout_rate (train/run_length.py,
   # dropout_for_length).
   c.long_run_steps = 0
   c.long_run_dropout_rate = 0.1
