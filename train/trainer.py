@@ -46,7 +46,8 @@ from etils import epath
 
 import tokenizer as tokenizer_lib
 from model import ConfigError, TransformerConfig
-from train import checkpointing, evaluate, input_pipeline, sharding
+from train import checkpointing, evaluate, input_pipeline, interrupts, sharding
+from train import workdir as workdir_lib
 from train import steps as steps_lib
 from train.batches import SyntheticBatches, SyntheticEval, trim_padding
 from train.checkpointing import NonFiniteLossError
@@ -188,17 +189,19 @@ class StopRequest:
 
   def __enter__(self):
     try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {s: signal.signal(s, self._handle)
+                        for s in interrupts.SIGNALS}
     except ValueError:  # not the main thread
       self._previous = None
     return self
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for s, previous in (self._previous or {}).items():
+      signal.signal(s, previous)
 
   def _handle(self, signum, frame):
     del frame
+    interrupts.on_signal(signum, bool(self.signalled))
     self.signalled = f"signal {signal.Signals(signum).name}"
 
   def seconds_left(self) -> float:
@@ -500,14 +503,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     steps_lib.ema_decay_of(config.optimizer)
   except ValueError as e:
     raise ConfigError(str(e)) from e
+  model_config_for(config, config.data.vocab_size)  # before the tokenizer trains
   sharding.maybe_initialize_distributed(config.distributed)
   workdir = epath.Path(workdir)
-  try:
-    workdir.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise ConfigError(f"--workdir={workdir}: cannot create it ({e.strerror}); "
-                      "pass a directory you can write") from None
   main = sharding.is_main_process()
+  lock = workdir_lib.claim(workdir, not config.synthetic_data, main)
   say = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
 
   say(f"Preparing data and tokenizer in {workdir} ...")
@@ -517,12 +517,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   runner = make_runner(with_provisional_length(config) if planned else config,
                        model_config)
   ckpt = checkpointing.Checkpointer(
-      workdir, config.checkpoint, bleu=config.eval_bleu_every_steps > 0)
+      workdir, config.checkpoint, bleu=config.eval_bleu_every_steps > 0,
+      tokenizer=tok)
   train_iter, eval_data = make_data(config, tok, vocab_size)
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
   state = restore_or_init(ckpt, runner, train_iter, record, init_rng,
                           checkpoint_step, say)
   step = int(jax.device_get(runner.state_for_checkpoint(state).step))
+  workdir_lib.check_steps_left(step, config.num_train_steps, ckpt.directory)
   saved = ckpt.restore_config(step) if step > 0 else None
   saved_dropout = saved["model"].get("dropout_rate") if saved else None
   if choose_dropout and saved_dropout == config.long_run_dropout_rate:
@@ -563,7 +565,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       f"{config.parallelism}")
   bleu = bleu_batches(config, tok, eval_data)
 
-  writer = MetricWriter(workdir, enabled=main)
+  writer = MetricWriter(workdir, enabled=main, start_step=step)
   metrics, last_metrics, last_eval = StepMetrics(), {}, {}
   last_good = ckpt.latest_step()
   total = config.num_train_steps
@@ -696,6 +698,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       ckpt.close()  # waits for the last save: CheckpointWriteError if it failed
     finally:
       writer.close()
+      lock.release()
   last_metrics["step"] = step
   say(f"Done at step {step} after {(time.time() - start_time) / 60:.1f} min; "
       f"checkpoints in {ckpt.directory}")
