@@ -6,6 +6,8 @@ On-disk layout of a workdir (everything a user needs to evaluate or translate):
       config.json                  resolved experiment config of the last launch
       tokenizer/spm.model          joint SentencePiece model (tokenizer package)
       metrics.jsonl                one JSON object per logged step / evaluation
+      metrics.superseded.jsonl     records of steps a resumed run trained again
+      train.lock                   while a training runs: its host, pid, start
       tensorboard/                 TensorBoard event files (tensorboardX)
       checkpoints/<step>/          one Orbax composite checkpoint per saved step
         state/                     the train state (Orbax StandardSave, OCDBT)
