@@ -94,8 +94,9 @@ echo "El animal no cruzó la calle porque estaba muy cansado." | \
 step "the run in numbers"
 $PY - "$WORKDIR" <<'EOF'
 import json, pathlib, statistics, sys
+from train.metrics import read_metrics   # skips a damaged line, naming it
 workdir = pathlib.Path(sys.argv[1])
-records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+records = read_metrics(workdir)
 rates = [r["steps_per_sec"] for r in records if "steps_per_sec" in r][1:]  # not the compile
 step = max(r["step"] for r in records)
 tests = sorted((workdir / "eval_test").glob("test.*.json"), key=lambda p: p.stat().st_mtime)

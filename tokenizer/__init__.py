@@ -13,6 +13,7 @@ This package imports nothing of `model` or `train`.
 from tokenizer.spm import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 from tokenizer.training import (
     EmptyTrainingTextError,
+    TokenizerFileError,
     load,
     model_path,
     save,
@@ -22,5 +23,5 @@ from tokenizer.training import (
 
 __all__ = [
     "BOS_ID", "EOS_ID", "PAD_ID", "UNK_ID", "Tokenizer", "EmptyTrainingTextError",
-    "load", "model_path", "save", "train", "train_or_load",
+    "TokenizerFileError",     "load", "model_path", "save", "train", "train_or_load",
 ]

@@ -30,6 +30,10 @@ class EmptyTrainingTextError(ValueError):
   """The tokenizer was asked to train on no text at all."""
 
 
+class TokenizerFileError(ValueError):
+  """A SentencePiece model file that does not load (damaged, not a model)."""
+
+
 def model_path(workdir: str) -> epath.Path:
   """Where a run keeps its tokenizer: `<workdir>/tokenizer/spm.model`."""
   return epath.Path(workdir) / TOKENIZER_DIR / MODEL_FILE
@@ -109,7 +113,19 @@ def load(path: str | os.PathLike) -> spm_lib.Tokenizer:
         f"No SentencePiece model at {path}. Train one with "
         "tokenizer.train_or_load(config.data, workdir, texts)."
     )
-  return spm_lib.Tokenizer(path.read_bytes())
+  try:
+    return spm_lib.Tokenizer(path.read_bytes())
+  except (RuntimeError, ValueError, OSError) as e:
+    # SentencePiece reports a damaged file as a RuntimeError of its parser.
+    reason = (str(e).strip() or type(e).__name__).splitlines()[0][:160]
+    if "ParseFromArray" in reason:
+      reason = "its bytes do not parse"
+    raise TokenizerFileError(
+        f"{path} is damaged: it does not load as a SentencePiece model "
+        f"({reason}). Put back the run's copy (its checkpoints were trained "
+        "with its ids); in a workdir without checkpoints, delete it and "
+        "train makes a new one"
+    ) from None
 
 
 def train_or_load(

@@ -8,10 +8,12 @@ Rerunning with the same --workdir resumes from its newest checkpoint that
 restores, or from --checkpoint=<step>; newer steps (damaged, or passed
 over) are moved to <workdir>/checkpoints_set_aside/, never deleted.
 
-Exit status: 0 done (or stopped by SIGTERM after a checkpoint), 1 a failure
-during training (a NaN loss, a checkpoint that cannot be written), 2 a usage
-mistake (a bad flag or config value, a workdir of an incompatible config):
-one or two lines on stderr, before any training.
+Exit status: 0 done (or stopped by SIGTERM or Ctrl-C after a checkpoint), 1
+a failure during training (a NaN loss, a checkpoint that cannot be written),
+2 a usage mistake (a bad flag or config value, a workdir of an incompatible
+config or tokenizer, one that is read-only or in use by another training
+run): one or two lines on stderr, before any training; 130 a second Ctrl-C
+(stopped at once, unsaved) or a Ctrl-C before training started.
 """
 
 from __future__ import annotations
@@ -92,27 +94,13 @@ def checkpoint_flag() -> int | None:
   return None if _CHECKPOINT.value == "latest" else int(_CHECKPOINT.value)
 
 
-def _ignore_callbacks_on_closed_loops():
-  """A failing background save (a full disk) leaves tensorstore callbacks
-  that fire on Orbax's closed asyncio loop, each reporting its RuntimeError
-  through sys.unraisablehook as a traceback; the failure itself is reported
-  once (CheckpointWriteError). Other unraisable errors print as usual."""
-  default = sys.unraisablehook
-
-  def hook(unraisable):
-    value = unraisable.exc_value
-    if not (isinstance(value, RuntimeError) and
-            str(value) == "Event loop is closed"):
-      default(unraisable)
-  sys.unraisablehook = hook
-
-
 def main(argv):
   del argv
-  _ignore_callbacks_on_closed_loops()
   # Imported here so --help is fast and jax starts after flag parsing.
+  import tokenizer  # pylint: disable=g-import-not-at-top
   from model import ConfigError  # pylint: disable=g-import-not-at-top
-  from train import checkpointing, cli, plan, trainer  # pylint: disable=g-import-not-at-top
+  from train import checkpointing, cli, interrupts, plan, trainer  # pylint: disable=g-import-not-at-top
+  checkpointing.quiet_closed_loop_callbacks()
   logging.set_verbosity(logging.WARNING)
   cli.use_compilation_cache()  # a resumed run reads its programs back
   try:
@@ -123,8 +111,17 @@ def main(argv):
                                  start_time)
     trainer.train_and_evaluate(config, _WORKDIR.value, step, start_time)
   except (ConfigError, checkpointing.IncompatibleCheckpointError,
-          checkpointing.CheckpointNotFoundError) as e:
+          checkpointing.CheckpointNotFoundError,
+          tokenizer.TokenizerFileError) as e:
     _usage_error(str(e))
+  except KeyboardInterrupt:
+    # Ctrl-C outside the training loop (which saves on it): before the first
+    # step nothing is lost; after the last, the final save is complete or
+    # left as a temporary folder that is never resumed from.
+    print(f"Interrupted; nothing saved since the last checkpoint in "
+          f"{_WORKDIR.value}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(interrupts.INTERRUPT_EXIT)
   except checkpointing.NonFiniteLossError as e:
     print(f"ERROR: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
     sys.exit(1)

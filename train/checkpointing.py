@@ -6,11 +6,14 @@ On-disk layout of a workdir (everything a user needs to evaluate or translate):
       config.json                  resolved experiment config of the last launch
       tokenizer/spm.model          joint SentencePiece model (tokenizer package)
       metrics.jsonl                one JSON object per logged step / evaluation
+      metrics.superseded.jsonl     records of steps a resumed run trained again
+      train.lock                   while a training runs: its host, pid, start
       tensorboard/                 TensorBoard event files (tensorboardX)
       checkpoints/<step>/          one Orbax composite checkpoint per saved step
         state/                     the train state (Orbax StandardSave, OCDBT)
         data/process_<i>-of-<n>.json   each host's input-iterator state (Grain)
-        config/metadata            {"experiment": <config dict>, "model": <TransformerConfig dict>}
+        config/metadata            {"experiment": <config dict>, "model": <TransformerConfig dict>,
+                                    "tokenizer": {"fingerprint": <16 hex digits>}}
         metrics/metrics            evaluation metrics at that step (best-of policy)
         _CHECKPOINT_METADATA
       checkpoints_set_aside/<step>/  a step newer than the one training
@@ -53,6 +56,7 @@ import json
 import logging as std_logging
 import math
 import os
+import re
 import sys
 from typing import Any, Sequence
 
@@ -83,6 +87,14 @@ class CheckpointNotFoundError(FileNotFoundError):
 
 class CheckpointWriteError(OSError):
   """A checkpoint could not be written (disk full, permissions, ...)."""
+
+
+class TokenizerMismatchError(IncompatibleCheckpointError):
+  """The workdir's tokenizer is not the one its checkpoints were trained with."""
+
+
+class DamagedCheckpointError(ValueError):
+  """A step's files are incomplete (skipped like any that does not restore)."""
 
 
 def checkpoint_dir(workdir) -> epath.Path:
@@ -142,6 +154,10 @@ TRAINING_ONLY_MODEL_FIELDS = ("dropout_rate", "attention_dropout_rate",
                               "dropout_impl")
 
 
+# How long to train: changed on purpose to continue a run, not worth a warning.
+RUN_LENGTH_FIELDS = ("num_train_steps", "max_minutes")
+
+
 def compare_configs(saved: dict[str, Any], current: dict[str, Any]
                     ) -> tuple[list[str], list[str]]:
   """(mismatches that forbid resuming, other differences), as readable lines.
@@ -164,7 +180,7 @@ def compare_configs(saved: dict[str, Any], current: dict[str, Any]
       fatal.append(f"{key}: checkpoint {sa[key]!r}, config {ca[key]!r}")
   flat_a, flat_b = _flatten(saved["experiment"]), _flatten(current["experiment"])
   for key in sorted(set(flat_a) | set(flat_b)):
-    if flat_a.get(key) != flat_b.get(key):
+    if flat_a.get(key) != flat_b.get(key) and key not in RUN_LENGTH_FIELDS:
       other.append(f"{key}: checkpoint {flat_a.get(key)!r}, config "
                    f"{flat_b.get(key)!r}")
   return fatal, other
@@ -277,7 +293,9 @@ class Checkpointer:
   """
 
   def __init__(self, workdir, checkpoint_config=None, *, bleu: bool = False,
-               read_only: bool = False):
+               read_only: bool = False, tokenizer=None):
+    # Recorded in every checkpoint saved, checked at every restore.
+    self.tokenizer_fingerprint = tokenizer.fingerprint if tokenizer else None
     ck = checkpoint_config
     self.best_metric, self.best_mode = (
         best_metric_and_mode(ck, bleu) if ck is not None
@@ -330,6 +348,9 @@ class Checkpointer:
     if metrics and self.best_metric in metrics and math.isfinite(
         metrics[self.best_metric]):
       best = {self.best_metric: float(metrics[self.best_metric])}
+    if self.tokenizer_fingerprint:
+      config_json = {**config_json,
+                     "tokenizer": {"fingerprint": self.tokenizer_fingerprint}}
     args = {STATE: ocp.args.StandardSave(state_to_dict(state)),
             CONFIG: ocp.args.JsonSave(config_json)}
     if data_iterator is not None:
@@ -373,6 +394,7 @@ class Checkpointer:
     abstract_state: a TrainState of ``jax.ShapeDtypeStruct`` with shardings
     (``Runner.abstract_state()``): any mesh, whatever the saving mesh was.
     """
+    check_complete(self.directory, step)
     args = {STATE: ocp.args.StandardRestore(state_to_dict(abstract_state))}
     if data_iterator is not None:
       args[DATA] = grain.checkpoint.CheckpointRestore(
@@ -407,8 +429,11 @@ class Checkpointer:
 
 def check_compatible(checkpointer: Checkpointer, step: int,
                      current: dict[str, Any]) -> None:
-  """Raises IncompatibleCheckpointError naming every mismatched field."""
+  """Raises IncompatibleCheckpointError naming every mismatched field, or
+  TokenizerMismatchError if the checkpoint records another tokenizer."""
   saved = checkpointer.restore_config(step)
+  check_tokenizer(saved, checkpointer.tokenizer_fingerprint,
+                  checkpointer.directory, step)
   fatal, other = compare_configs(saved, current)
   if fatal:
     raise IncompatibleCheckpointError(
@@ -421,7 +446,34 @@ def check_compatible(checkpointer: Checkpointer, step: int,
                     "; ".join(other))
 
 
+def check_tokenizer(record: dict[str, Any], fingerprint: str | None,
+                    directory, step: int) -> None:
+  """TokenizerMismatchError if ``record`` (a checkpoint's config record)
+  names a tokenizer other than ``fingerprint`` (the workdir's). A record
+  without one (older checkpoints, synthetic data) matches any."""
+  saved = (record.get("tokenizer") or {}).get("fingerprint")
+  if saved and fingerprint and saved != fingerprint:
+    path = epath.Path(directory).parent / "tokenizer" / "spm.model"
+    raise TokenizerMismatchError(
+        f"{path} (fingerprint {fingerprint}) is not the tokenizer the "
+        f"checkpoint of step {step} in {directory} was trained with "
+        f"(fingerprint {saved}): put that one back, or use a new --workdir")
+
+
 # ---------------------------------------------------------------- fallback
+
+# A step's state without its pytree metadata cannot be restored into a
+# train state (Orbax cannot tell the optimizer state's tuples from lists), so
+# it counts as damaged for training and inference alike.
+REQUIRED_FILES = ("state/_METADATA",)
+
+
+def check_complete(directory, step: int) -> None:
+  """DamagedCheckpointError naming a file the step lacks."""
+  for name in REQUIRED_FILES:
+    path = epath.Path(directory) / str(step) / name
+    if not path.exists():
+      raise DamagedCheckpointError(f"{path} is missing")
 
 def restore_newest(directory, steps: Sequence[int], wanted: int | None,
                    restore) -> tuple[int, Any, list[int]]:
@@ -474,8 +526,60 @@ def set_aside(directory: epath.Path, step: int) -> epath.Path:
 
 
 def warn_skipped(step: int, directory, error: BaseException) -> None:
-  """One line on stderr: which step was skipped and why."""
-  text = (str(error).strip() or repr(error)).splitlines()[0][:300]
-  print(f"warning: skipping checkpoint step {step} in {directory}: it does "
-        f"not restore ({type(error).__name__}: {text})", file=sys.stderr,
-        flush=True)
+  """One line on stderr: which step was skipped, its file and the reason."""
+  where, reason = describe_restore_error(error)
+  print(f"warning: skipping checkpoint step {step}, which does not restore: "
+        f"{where or epath.Path(directory) / str(step)}: {reason}",
+        file=sys.stderr, flush=True)
+
+
+# Where TensorStore's messages turn from the reason into its spec or repr.
+_NOISE = ("[tensorstore_spec", " See full TensorStore details",
+          "<bound method", "TensorStore({")
+
+
+def describe_restore_error(error: BaseException) -> tuple[str | None, str]:
+  """(the damaged file if the error names one, the reason in a few words)
+  from an exception Orbax or TensorStore raised while restoring."""
+  if isinstance(error, DamagedCheckpointError):
+    path = str(error).removesuffix(" is missing")
+    return path, "missing"
+  text = str(error).strip() or type(error).__name__
+  files = re.findall(r'local file "([^"]+)"', text)
+  base = re.search(r"'path': '(/[^']+)'", text)
+  array = re.search(r"'path': '([^/'][^']*?)/?'", text)
+  for cut in _NOISE:
+    text = text.split(cut)[0]
+  text = " ".join(text.split()).rstrip(" .:")
+  if "while reading array" in text and array:
+    reason = f"array {array[1]} does not read"
+  else:
+    parts = [p for p in text.split(": ") if "local file" not in p]
+    reason = ": ".join(parts[-2:]) if parts else text
+  where = files[-1] if files else (base[1] if base else None)
+  if len(reason) > 200:
+    reason = reason[:200] + " ..."
+  return where, f"{reason} ({type(error).__name__})"
+
+
+def quiet_closed_loop_callbacks() -> None:
+  """Drops the tracebacks of TensorStore callbacks that fire on Orbax's
+  closed asyncio loop after a read or write failed.
+
+  A failing save (a full disk) or a restore of a damaged step leaves them:
+  each reports its RuntimeError through sys.unraisablehook, dozens of
+  tracebacks around the one useful message (CheckpointWriteError, or the
+  warning of ``warn_skipped``). Other unraisable errors print as usual.
+  Called by every command's entry point; installing it twice is harmless.
+  """
+  default = sys.unraisablehook
+  if getattr(default, "quiets_closed_loops", False):
+    return
+
+  def hook(unraisable):
+    value = unraisable.exc_value
+    if not (isinstance(value, RuntimeError) and
+            str(value) == "Event loop is closed"):
+      default(unraisable)
+  hook.quiets_closed_loops = True
+  sys.unraisablehook = hook

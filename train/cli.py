@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import jax
 from absl import flags
 
-from train import inference
+from train import checkpointing, inference
 from train.translation import METHODS, DecodeOptions
 
 USAGE_EXIT = 2
@@ -83,7 +83,9 @@ def run_command(main: Callable[[Sequence[str]], int], argv: Sequence[str]
   """main(argv) with a UsageError turned into one line and exit status 2.
 
   Compiled programs are cached on disk for the next command
-  (``use_compilation_cache``)."""
+  (``use_compilation_cache``); TensorStore's callbacks on closed loops stay
+  quiet (``checkpointing.quiet_closed_loop_callbacks``)."""
+  checkpointing.quiet_closed_loop_callbacks()
   use_compilation_cache()
   try:
     return main(argv)
@@ -165,7 +167,8 @@ def model_choice(f: flags.FlagValues) -> tuple[str, str | int, int, bool]:
   the arguments of ``inference.load``.
 
   UsageError when --workdir is missing, is not a trained run's directory,
-  holds no checkpoint of the asked step, --average_last is negative, or
+  has a tokenizer that does not load or is not its checkpoints', holds no
+  checkpoint of the asked step, --average_last is negative, or
   --ema asks a run that kept no moving average.
   """
   if not f.workdir:
@@ -173,6 +176,7 @@ def model_choice(f: flags.FlagValues) -> tuple[str, str | int, int, bool]:
   try:
     checkpoint = inference.parse_checkpoint(f.checkpoint)
     steps = inference.check_workdir(f.workdir)
+    inference.check_tokenizer(f.workdir)
   except (ValueError, FileNotFoundError) as e:
     raise UsageError(str(e)) from None
   if isinstance(checkpoint, int) and checkpoint not in steps:

@@ -101,6 +101,7 @@ class _Reader:
     """The params (or with ``ema`` their moving average) of ``step`` on the
     first local device (nothing else read)."""
     item = "ema_params" if ema else "params"
+    checkpointing.check_complete(self.directory, step)  # as training does
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shapes = jax.eval_shape(lambda rng: init_params(model_config, rng),
                             jax.random.key(0))
@@ -149,6 +150,19 @@ def run_config(workdir) -> ml_collections.ConfigDict:
   _, record, _ = checkpointing.restore_newest(reader.directory, steps, None,
                                               reader.record)
   return ml_collections.ConfigDict(record["experiment"])
+
+
+def check_tokenizer(workdir) -> None:
+  """Before a model loads: TokenizerFileError if the workdir's tokenizer
+  does not load, TokenizerMismatchError if its newest checkpoint that
+  restores records another tokenizer."""
+  tok = tokenizer_lib.load(tokenizer_lib.model_path(workdir))
+  steps = check_workdir(workdir)
+  reader = _Reader(workdir)
+  step, record, _ = checkpointing.restore_newest(reader.directory, steps,
+                                                 None, reader.record)
+  checkpointing.check_tokenizer(record, tok.fingerprint, reader.directory,
+                                step)
 
 
 class NoMovingAverageError(checkpointing.IncompatibleCheckpointError):

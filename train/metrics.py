@@ -1,8 +1,15 @@
 """Metric writers: TensorBoard (tensorboardX, no TensorFlow), JSON lines, console.
 
-``MetricWriter(workdir)`` writes every scalar to ``<workdir>/tensorboard/``
-and appends ``{"step": ..., "time": ..., **scalars}`` to
-``<workdir>/metrics.jsonl``. Only process 0 writes (``enabled``).
+``MetricWriter(workdir, start_step=step)`` writes every scalar to
+``<workdir>/tensorboard/`` and appends ``{"step": ..., "time": ..., **scalars}``
+to ``<workdir>/metrics.jsonl``. Only process 0 writes (``enabled``).
+
+The log stays readable line by line after any crash: a line cut short (a
+full disk, a kill) is completed to a line boundary before the next record,
+and ``read_metrics`` skips a damaged line, naming it. Each step is logged
+once: a run resumed at ``start_step`` moves the records of later steps (the
+steps it will train again, or that --checkpoint went back past) to
+``metrics.superseded.jsonl``, never deleting them.
 ``progress_line`` formats the console line the trainer prints.
 """
 
@@ -17,13 +24,15 @@ from typing import Mapping
 from etils import epath
 
 METRICS_FILE = "metrics.jsonl"
+SUPERSEDED_FILE = "metrics.superseded.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
 
 class MetricWriter:
   """Scalars to TensorBoard event files and a JSON-lines log."""
 
-  def __init__(self, workdir, enabled: bool = True):
+  def __init__(self, workdir, enabled: bool = True,
+               start_step: int | None = None):
     self.enabled = enabled
     self._tb = None
     self._jsonl = None
@@ -33,7 +42,11 @@ class MetricWriter:
     workdir.mkdir(parents=True, exist_ok=True)
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     self._tb = SummaryWriter(str(workdir / TENSORBOARD_DIR), flush_secs=30)
-    self._jsonl = open(workdir / METRICS_FILE, "a", encoding="utf-8")
+    path = workdir / METRICS_FILE
+    if start_step is not None:
+      _supersede_after(path, start_step)
+    _end_line(path)
+    self._jsonl = open(path, "a", encoding="utf-8")
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -69,12 +82,67 @@ def _number(value) -> float | None:
     return None
 
 
+def _end_line(path) -> None:
+  """Completes a file to a line boundary before anything is appended: a
+  record cut short stays a damaged line of its own, the next one is whole."""
+  with open(path, "ab+") as f:
+    if f.seek(0, 2) and (f.seek(-1, 2), f.read(1))[1] != b"\n":
+      f.write(b"\n")
+
+
+def _read_lines(path) -> list[str]:
+  with open(path, encoding="utf-8", errors="replace") as f:
+    return f.read().splitlines()
+
+
+def _parse(lines) -> list[tuple[str, dict | None]]:
+  """(line, record or None where the line is damaged) for each line."""
+  out = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except ValueError:
+      record = None
+    out.append((line, record if isinstance(record, dict) and "step" in record
+                else None))
+  return out
+
+
+def _supersede_after(path: epath.Path, step: int) -> None:
+  """Moves the records of steps after ``step`` to metrics.superseded.jsonl
+  (appended), rewriting metrics.jsonl atomically; nothing if there are none."""
+  if not path.exists():
+    return
+  lines = _read_lines(path)
+  parsed = _parse(lines)
+  later = [line for line, r in parsed if r is not None and r["step"] > step]
+  if not later:
+    return
+  superseded = path.parent / SUPERSEDED_FILE
+  _end_line(superseded)
+  with open(superseded, "a", encoding="utf-8") as f:
+    f.write("".join(line + "\n" for line in later))
+  kept = [line for line, r in parsed if r is None or r["step"] <= step]
+  tmp = path.parent / (METRICS_FILE + ".tmp")
+  tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+  tmp.replace(path)
+
+
 def read_metrics(workdir) -> list[dict]:
-  """All records of ``metrics.jsonl`` (for tests and notebooks)."""
+  """All records of ``metrics.jsonl`` (for tests and notebooks); a damaged
+  line (cut short by a crash) is skipped with a warning naming it."""
   path = epath.Path(workdir) / METRICS_FILE
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line]
+  lines = _read_lines(path)
+  records = []
+  for number, (line, record) in enumerate(_parse(lines), start=1):
+    if record is not None:
+      records.append(record)
+    elif line.strip():
+      print(f"warning: {path} line {number} is damaged (not a whole JSON "
+            f"record): skipped: {line[:80]!r}", file=sys.stderr)
+  return records
 
 
 def format_duration(seconds: float) -> str:

@@ -104,15 +104,17 @@ def time_run(config, tok, vocab_size: int) -> Timing:
                 evaluation, bleu_pass)
 
 
-def resumed_from(config, workdir, record: dict, checkpoint_step: int | None
-                 ) -> tuple[int, dict | None]:
+def resumed_from(config, workdir, record: dict, checkpoint_step: int | None,
+                 tok=None) -> tuple[int, dict | None]:
   """(the step a launch resumes from, that checkpoint's config record);
   (0, None) for a new run. The newest record that reads, as the trainer
   falls back past a damaged checkpoint. Refused here, before the minutes
   of timing: a checkpoint of an incompatible config (``record``: this
-  run's), a --checkpoint step that is not there."""
+  run's) or of a tokenizer other than ``tok``, a --checkpoint step that is
+  not there."""
   ckpt = checkpointing.Checkpointer(workdir, config.checkpoint,
-                                    bleu=config.eval_bleu_every_steps > 0)
+                                    bleu=config.eval_bleu_every_steps > 0,
+                                    tokenizer=tok)
   try:
     steps = ckpt.all_steps()
     if not steps and checkpoint_step is None:
@@ -120,6 +122,8 @@ def resumed_from(config, workdir, record: dict, checkpoint_step: int | None
 
     def read(step):
       saved = ckpt.restore_config(step)
+      checkpointing.check_tokenizer(saved, ckpt.tokenizer_fingerprint,
+                                    ckpt.directory, step)
       if checkpointing.compare_configs(saved, record)[0]:
         checkpointing.check_compatible(ckpt, step, record)  # names the fields
       return saved
@@ -173,7 +177,7 @@ def planned_config(config, workdir, checkpoint_step: int | None = None,
   start_time = time.time() if start_time is None else start_time
   check_budget(config)
   config = ml_collections.ConfigDict(config.to_dict())
-  workdir, main_say = trainer.open_workdir(config, workdir)
+  workdir, main_say, _ = trainer.open_workdir(config, workdir)
   say = say or main_say
   say(f"Planning --config.max_minutes={config.max_minutes:g} in {workdir}: "
       f"the tokenizer and data, then timing {config.budget_timing_steps} "
@@ -183,7 +187,7 @@ def planned_config(config, workdir, checkpoint_step: int | None = None,
   tok, vocab_size = trainer.load_tokenizer(config, workdir)
   record = checkpointing.config_record(
       config, trainer.model_config_for(config, vocab_size))
-  step, saved = resumed_from(config, workdir, record, checkpoint_step)
+  step, saved = resumed_from(config, workdir, record, checkpoint_step, tok)
   fixes_schedule = run_length.plans_steps_from_time(config)
   if fixes_schedule and saved:
     fixed = kept_length(config, workdir, step, saved, say)

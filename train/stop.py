@@ -1,6 +1,8 @@
-"""When the training loop stops early: SIGTERM (preemption) or the wall time.
+"""When the training loop stops early: SIGTERM (preemption), Ctrl-C, or the
+wall time.
 
-``StopRequest`` is a context manager that catches SIGTERM while the loop
+``StopRequest`` is a context manager that catches SIGTERM and SIGINT (a
+second Ctrl-C stops at once: ``train.interrupts``) while the loop
 runs; ``end(step, total, at_log_step)`` tells the loop whether this step is
 its last and why (``DONE``, ``SIGNAL``, ``BUDGET``). ``max_minutes`` is a
 safety limit: a run's length is its step count (fixed beforehand, with a
@@ -16,12 +18,14 @@ import time
 import jax
 import numpy as np
 
+from train import interrupts
+
 # Why a step is the loop's last ("" while it goes on).
 DONE, SIGNAL, BUDGET = "done", "signal", "budget"
 
 
 class StopRequest:
-  """SIGTERM (preemption) or the wall-time budget -> finish the step, save, exit."""
+  """SIGTERM / Ctrl-C or the wall-time budget -> finish the step, save, exit."""
 
   def __init__(self, max_minutes: float, start_time: float):
     self.max_minutes = max_minutes
@@ -35,17 +39,19 @@ class StopRequest:
 
   def __enter__(self):
     try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {s: signal.signal(s, self._handle)
+                        for s in interrupts.SIGNALS}
     except ValueError:  # not the main thread
       self._previous = None
     return self
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for s, previous in (self._previous or {}).items():
+      signal.signal(s, previous)
 
   def _handle(self, signum, frame):
     del frame
+    interrupts.on_signal(signum, bool(self.signalled))
     self.signalled = f"signal {signal.Signals(signum).name}"
 
   def seconds_left(self) -> float:

@@ -43,6 +43,7 @@ from etils import epath
 import tokenizer as tokenizer_lib
 from model import ConfigError, TransformerConfig
 from train import checkpointing, input_pipeline, periodic, run_length, sharding
+from train import workdir as workdir_lib
 from train import steps as steps_lib
 from train.batches import SyntheticBatches, SyntheticEval
 from train.metrics import MetricWriter
@@ -153,21 +154,23 @@ def save_config(record: dict, workdir: epath.Path) -> None:
 
 
 
-def open_workdir(config, workdir) -> tuple[epath.Path, Callable[[str], None]]:
-  """(the workdir, created; a print that only the main process does).
+def open_workdir(config, workdir
+                 ) -> tuple[epath.Path, Callable[[str], None], workdir_lib.Lock]:
+  """(the workdir, created and claimed for training; a print that only the
+  main process does; the workdir's lock, held until released).
 
-  Starts jax.distributed first where the config asks for it.
+  Starts jax.distributed first where the config asks for it. The model's
+  shape is checked before the workdir is touched (a tokenizer trains next).
+  A second call in the same process gets the lock it already holds.
   """
+  model_config_for(config, config.data.vocab_size)
   sharding.maybe_initialize_distributed(config.distributed)
+  main = sharding.is_main_process()
+  lock = workdir_lib.claim(workdir, not config.synthetic_data, main)
   workdir = epath.Path(workdir)
-  try:
-    workdir.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise ConfigError(f"--workdir={workdir}: cannot create it ({e.strerror}); "
-                      "pass a directory you can write") from None
-  if sharding.is_main_process():
-    return workdir, lambda msg: print(msg, flush=True)
-  return workdir, lambda msg: None
+  if main:
+    return workdir, lambda msg: print(msg, flush=True), lock
+  return workdir, lambda msg: None, lock
 
 
 @dataclasses.dataclass
@@ -176,6 +179,7 @@ class Run:
   config: ml_collections.ConfigDict   # resolved for its step count
   workdir: epath.Path
   say: Callable[[str], None]
+  lock: workdir_lib.Lock  # released when training ends
   tok: tokenizer_lib.Tokenizer | None
   model_config: TransformerConfig
   record: dict            # the config record each checkpoint stores
@@ -193,19 +197,21 @@ def setup(config, workdir, checkpoint_step: int | None = None) -> Run:
   its step count, the workdir, tokenizer, data, model and train state
   (restored or new), the resolved config written to config.json."""
   config = run_length.for_fixed_length(config)  # refused before any work
-  workdir, say = open_workdir(config, workdir)
+  workdir, say, lock = open_workdir(config, workdir)
   say(f"Preparing data and tokenizer in {workdir} ...")
   tok, vocab_size = load_tokenizer(config, workdir)
   model_config = model_config_for(config, vocab_size)
   record = checkpointing.config_record(config, model_config)
   runner = make_runner(config, model_config)
   ckpt = checkpointing.Checkpointer(
-      workdir, config.checkpoint, bleu=config.eval_bleu_every_steps > 0)
+      workdir, config.checkpoint, bleu=config.eval_bleu_every_steps > 0,
+      tokenizer=tok)
   train_iter, eval_data = make_data(config, tok, vocab_size)
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
   state = restore_or_init(ckpt, runner, train_iter, record, init_rng,
                           checkpoint_step, say)
   step = int(jax.device_get(runner.state_for_checkpoint(state).step))
+  workdir_lib.check_steps_left(step, config.num_train_steps, ckpt.directory)
   say_dropout_change(config, ckpt, step, model_config.dropout_rate, say)
   save_config(record, workdir)  # only once the config is known to fit
   say(f"Model: {model_config}")
@@ -214,7 +220,7 @@ def setup(config, workdir, checkpoint_step: int | None = None) -> Run:
   say(f"{num_params:,} parameters; step {step}; devices: "
       f"{jax.device_count()} ({jax.process_count()} processes), parallelism="
       f"{config.parallelism}")
-  return Run(config, workdir, say, tok, model_config, record, runner, ckpt,
+  return Run(config, workdir, say, lock, tok, model_config, record, runner, ckpt,
              train_iter, eval_data, state, step, dropout_rng)
 
 
@@ -275,7 +281,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   run = setup(config, workdir, checkpoint_step)
   config, runner, say = run.config, run.runner, run.say
   total, step, state = config.num_train_steps, run.step, run.state
-  writer = MetricWriter(run.workdir, enabled=sharding.is_main_process())
+  writer = MetricWriter(run.workdir, enabled=sharding.is_main_process(),
+                        start_step=run.step)
   stop = StopRequest(config.max_minutes, start_time)
   log = periodic.Log(config.log_every_steps, total, writer, say, stop)
   evaluation = periodic.Evaluation(config, runner, run.model_config, run.tok,
@@ -310,6 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       run.ckpt.close()  # waits for the last save: CheckpointWriteError if it failed
     finally:
       writer.close()
+      run.lock.release()
   last["step"] = step
   say(f"Done at step {step} after {(time.time() - start_time) / 60:.1f} min; "
       f"checkpoints in {run.ckpt.directory}")

@@ -31,7 +31,7 @@ import numpy as np
 from absl import flags
 
 from model import EOS_ID, attention_weights
-from train import attention_plot, cli, inference
+from train import attention_plot, checkpointing, cli, inference
 from train.translation import translate_texts
 
 
@@ -145,6 +145,7 @@ def run(argv: Sequence[str], stdin: BinaryIO, stdout: TextIO,
 
 
 def main(argv: Sequence[str]) -> int:
+  checkpointing.quiet_closed_loop_callbacks()
   cli.use_compilation_cache()
   return run(argv, sys.stdin.buffer, sys.stdout, sys.stderr)
 
