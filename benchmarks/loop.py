@@ -2,7 +2,7 @@
 
     python -m benchmarks.loop [--config experiments/configs/bible_es_en.py]
         [--preset tiny] [--vocab_size 1000] [--data_dir DIR] [--steps 400]
-        [--rounds 2] [--feeds memory,pipeline] [--profile]
+        [--rounds 2] [--feeds memory,pipeline] [--prefetch 0,2] [--profile]
 
 On one config (``--config``, with ``--preset`` and ``--vocab_size`` applied;
 ``--preset ""`` keeps the config's model), alternating rounds in one process:
@@ -18,15 +18,20 @@ On one config (``--config``, with ``--preset`` and ``--vocab_size`` applied;
   loop without the input pipeline's cost.
 * ``loop_pipeline``: the same loop reading the real input pipeline (what
   ``python -m train`` does): bounded by the pipeline's batches/s.
+* ``loop_<feed>_prefetch<n>`` (``--prefetch``): the same, its train iterator
+  wrapped in ``train.prefetch.DevicePrefetch`` (n batches placed ahead by a
+  background thread), as the trainer runs with it.
 
 Loop steps/s are read from the run's own metrics.jsonl: (steps between the
 second and the last log record) / (seconds between them), so compilation,
 the first log interval, the final evaluation and the final checkpoint are
 not counted (periodic evaluation, BLEU and checkpoints are off:
 ``eval_every_steps``, ``checkpoint_every_steps`` > ``--steps``). The JSON
-gives the medians over rounds and ``ratio_memory`` / ``ratio_pipeline`` =
-loop / step alone. ``--profile`` adds one cProfile'd memory-fed run and
-reports the seconds per step of the loop's pieces (``loop_pieces``).
+gives the medians over rounds and ``ratio_<variant>`` = loop / step alone.
+``--profile`` adds one cProfile'd memory-fed run per ``--prefetch`` value
+and reports the milliseconds per step of the loop's pieces
+(``loop_pieces_ms_per_step``; cumulative, so a piece that waits for the
+device counts that wait).
 """
 
 from __future__ import annotations

@@ -187,3 +187,15 @@ def test_accelerator_quick_form_writes_every_part(bible_data_dir, tmp_path):
   assert base["peak_source"].startswith("measured:")   # a CPU: no datasheet
   assert base["mfu"] == pytest.approx(
       base["achieved_gflops"] / base["peak_gflops"], rel=0.01)
+
+
+def test_loop_is_timed_between_the_second_and_last_log_records():
+  from benchmarks import loop
+  records = [{"step": 1, "time": 0.0, "steps_per_sec": 1.0},
+             {"step": 20, "time": 10.0, "steps_per_sec": 2.0},
+             {"step": 20, "time": 10.5, "eval_loss": 3.0},   # not a log line
+             {"step": 40, "time": 12.0, "steps_per_sec": 10.0},
+             {"step": 60, "time": 14.0, "steps_per_sec": 10.0}]
+  assert loop.steady_steps_per_s(records) == pytest.approx(40 / 4.0)
+  with pytest.raises(ValueError, match="too few log records"):
+    loop.steady_steps_per_s(records[:2])
