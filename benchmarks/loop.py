@@ -2,7 +2,7 @@
 
     python -m benchmarks.loop [--config experiments/configs/bible_es_en.py]
         [--preset tiny] [--vocab_size 1000] [--data_dir DIR] [--steps 400]
-        [--rounds 2] [--feeds memory,pipeline] [--prefetch 0,2] [--profile]
+        [--batch_size 0] [--max_len 0] [--rounds 2] [--feeds memory,pipeline] [--prefetch 0,2] [--profile]
 
 On one config (``--config``, with ``--preset`` and ``--vocab_size`` applied;
 ``--preset ""`` keeps the config's model), alternating rounds in one process:
@@ -78,8 +78,10 @@ class MemoryBatches:
     self.index = int(state["index"])
 
 
-def make_config(path: str, preset: str, vocab_size: int, data_dir: str):
-  """The experiment config of ``path`` with the benchmark's overrides."""
+def make_config(path: str, preset: str, vocab_size: int, data_dir: str,
+                batch_size: int = 0, max_len: int = 0):
+  """The experiment config of ``path`` with the benchmark's overrides
+  (0 / "" keeps the config's)."""
   import importlib.util  # pylint: disable=import-outside-toplevel
   spec = importlib.util.spec_from_file_location("bench_config", path)
   module = importlib.util.module_from_spec(spec)
@@ -93,6 +95,10 @@ def make_config(path: str, preset: str, vocab_size: int, data_dir: str):
     config.data.vocab_size = vocab_size
   if data_dir:
     config.data.data_dir = data_dir
+  if batch_size:
+    config.batch_size = batch_size
+  if max_len:
+    config.data.max_len = max_len
   return config
 
 
@@ -294,6 +300,12 @@ def main(argv=None):
   parser.add_argument("--vocab_size", type=int, default=GOAL_VOCAB,
                       help="0 keeps the config's")
   parser.add_argument("--data_dir", default="", help="tfds data_dir")
+  parser.add_argument("--batch_size", type=int, default=0,
+                      help="rows a step; 0 keeps the config's")
+  parser.add_argument("--max_len", type=int, default=0,
+                      help="tokens a row; 0 keeps the config's")
+  parser.add_argument("--num_batches", type=int, default=64,
+                      help="real batches held in memory for the memory feed")
   parser.add_argument("--steps", type=int, default=400,
                       help="timed steps per run (> 3 x log_every_steps)")
   parser.add_argument("--rounds", type=int, default=2)
@@ -324,13 +336,13 @@ def main(argv=None):
   if args.steps < 1 or args.rounds < 1:
     parser.error("--steps and --rounds: at least 1")
   config = make_config(args.config, args.preset, args.vocab_size,
-                       args.data_dir)
+                       args.data_dir, args.batch_size, args.max_len)
   if args.steps < 3 * config.log_every_steps:
     parser.error(f"--steps={args.steps}: at least 3 x log_every_steps "
                  f"({3 * config.log_every_steps}) so the loop is timed "
                  "between log records")
   record = run(config, args.steps, args.rounds, feeds, prefetches,
-               args.profile)
+               args.profile, max(1, args.num_batches))
   text = json.dumps(record, sort_keys=True)
   print(text, flush=True)
   if args.output:

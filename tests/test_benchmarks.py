@@ -169,7 +169,7 @@ def test_accelerator_quick_form_writes_every_part(bible_data_dir, tmp_path):
   env = dict(os.environ, PYTHON=sys.executable, DATA_DIR=str(bible_data_dir))
   proc = subprocess.run(
       ["bash", str(root / "benchmarks" / "accelerator.sh"), "--quick",
-       f"--out={out}"], capture_output=True, text=True, env=env, timeout=900,
+       f"--out={out}"], capture_output=True, text=True, env=env, timeout=1800,
       check=False)
   assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
   record = json.loads(out.read_text())
