@@ -185,8 +185,10 @@ def test_accelerator_quick_form_writes_every_part(bible_data_dir, tmp_path):
   base = record["base_bf16"]
   assert base["dtype"] == "bfloat16" and base["peak_dtype"] == "bfloat16"
   assert base["peak_source"].startswith("measured:")   # a CPU: no datasheet
+  # achieved_gflops is printed to 0.1: a loose match, still far from the
+  # float32 peak the bf16 step was once divided by.
   assert base["mfu"] == pytest.approx(
-      base["achieved_gflops"] / base["peak_gflops"], rel=0.01)
+      base["achieved_gflops"] / base["peak_gflops"], rel=0.1)
 
 
 def test_loop_is_timed_between_the_second_and_last_log_records():
