@@ -21,11 +21,14 @@ are timed against one device whose ops use both cores.
 
 Each (preset, max_len) runs in its own subprocess so that compile time and the
 peak resident memory (``resource.getrusage``, ``ru_maxrss``) belong to that
-configuration alone. The float32 matmul peak (``benchmarks.peak.measure``) is
-measured in the same run: once at the start (``peak_f32_gflops_run_start``)
-and, in each child, once after every timed step (``peak_f32_gflops``, the
-median of those samples); ``mfu`` uses the latter, taken under the same
-machine load as the steps (the machine may be shared).
+configuration alone. ``mfu`` divides by the peak of the run's dtype
+(``benchmarks.peak.choose``; ``peak_gflops``, ``peak_source``): for a
+bfloat16 run on a known accelerator (H200, H100, A100, TPU v4 / v5e / v5p /
+v6e) its datasheet's dense bf16 peak, otherwise a matmul of the run's dtype
+(2048^3 on a CPU, 8192^3 on an accelerator) timed in the child before the
+steps; ``mfu_vs_measured_peak`` divides by that timed matmul in every case.
+The float32 peak timed once at the start (``peak_f32_gflops_run_start``)
+gives ``mfu_vs_run_start_peak`` for float32 runs.
 
 Model FLOPs per step (``model_flops``, the usual 6ND count, Kaplan et al. 2020 /
 PaLM appendix B):
@@ -190,27 +193,25 @@ def run_one(preset: str, max_len: int, tokens_per_step: int, steps: int,
     jax.block_until_ready(state)
     compile_s = time.perf_counter() - start
 
-  # The machine may be shared: a float32 peak sample (benchmarks.peak's
-  # 2048^3 jnp.dot) follows every timed step, so steps and peak see the same
-  # load, and MFU divides by the median of those samples.
-  size = 2048
-  a = jnp.ones((size, size), jnp.float32)
-  dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-  dot(a, a).block_until_ready()
+  # The peak MFU divides by: the run's dtype's (benchmarks.peak.choose),
+  # a bf16 datasheet figure on a known accelerator, else a matmul of that
+  # dtype timed here, before the steps, on this process's device.
+  from benchmarks import peak as peak_lib  # pylint: disable=import-outside-toplevel
+  platform = jax.devices()[0].platform
+  size = peak_lib.default_size(platform)
+  measured = round(peak_lib.measure(size, jnp.dtype(dtype), 5), 1)
+  chosen = peak_lib.choose(dtype, jax.devices()[0].device_kind, measured,
+                           f"{size}^3 {dtype} jnp.dot")
   if devices == 1:  # warm-up (with several devices, the compiling call was)
     state, metrics = compiled(state, batch, rng)
     jax.block_until_ready((state, metrics))
-  times, peaks = [], []
+  times = []
   for _ in range(steps):
     start = time.perf_counter()
     state, metrics = compiled(state, batch, rng)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    dot(a, a).block_until_ready()
-    peaks.append(2 * size**3 / (time.perf_counter() - start) / 1e9)
   seconds = float(np.median(times))
-  peak_now = round(float(np.median(peaks)), 1)
 
   flops = model_flops(model_config, rows, max_len)
   xla = xla_flops(compiled) if devices == 1 else None
@@ -232,10 +233,16 @@ def run_one(preset: str, max_len: int, tokens_per_step: int, steps: int,
       "attention_flops_share": round(flops["attention_share"], 3),
       "achieved_gflops": round(achieved, 1),
       "peak_f32_gflops_run_start": peak_gflops or None,
-      "peak_f32_gflops": peak_now,
-      "mfu": round(achieved / peak_now, 3),
+      # The peak of this run's dtype, and where it came from.
+      "peak_gflops": round(chosen["peak_gflops"], 1),
+      "peak_dtype": chosen["peak_dtype"],
+      "peak_source": chosen["peak_source"],
+      f"measured_{dtype}_matmul_gflops": measured,
+      "mfu": round(achieved / chosen["peak_gflops"], 4),
+      "mfu_vs_measured_peak": round(achieved / measured, 4),
       "mfu_vs_run_start_peak": (round(achieved / peak_gflops, 3)
-                                if peak_gflops else None),
+                                if peak_gflops and dtype == "float32"
+                                else None),
       # With several devices: the first call, compilation and one step.
       "compile_s": round(compile_s, 2),
       # Linux reports ru_maxrss in KiB.

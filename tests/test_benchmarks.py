@@ -123,3 +123,86 @@ def test_decode_ab_refuses_a_missing_checkout(tmp_path, monkeypatch, capsys):
     decode_ab.main()
   assert e.value.code == 2
   assert "model/decoding.py" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- MFU's peak
+
+from benchmarks import peak as peak_lib  # noqa: E402
+
+
+@pytest.mark.parametrize("kind, tflops", [
+    ("NVIDIA H200", 989.0), ("NVIDIA H200 NVL", 835.0),
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
+    ("NVIDIA A100-SXM4-80GB", 312.0), ("TPU v4", 275.0),
+    ("TPU v5 lite", 197.0), ("TPU v5e", 197.0), ("TPU v5p", 459.0),
+    ("TPU v5", 459.0), ("TPU v6 lite", 918.0)])
+def test_bf16_run_divides_by_the_datasheet_bf16_peak(kind, tflops):
+  chosen = peak_lib.choose("bfloat16", kind, measured_gflops=123.0)
+  assert chosen["peak_gflops"] == tflops * 1000
+  assert chosen["peak_dtype"] == "bfloat16"
+  assert chosen["peak_source"].startswith("datasheet:")
+  assert f"{tflops:g}" in chosen["peak_source"]
+
+
+def test_f32_run_and_unknown_chips_divide_by_the_matmul_timed_in_the_run():
+  f32 = peak_lib.choose("float32", "NVIDIA H200", measured_gflops=51_000.0)
+  assert f32["peak_gflops"] == 51_000.0 and f32["peak_dtype"] == "float32"
+  assert f32["peak_source"].startswith("measured:")
+  cpu = peak_lib.choose("bfloat16", "cpu", measured_gflops=80.0,
+                        measured_what="2048^3 bfloat16 jnp.dot")
+  assert cpu["peak_gflops"] == 80.0
+  assert "2048^3 bfloat16" in cpu["peak_source"]
+  with pytest.raises(ValueError, match="no bfloat16 peak"):
+    peak_lib.choose("bfloat16", "Some New Chip", measured_gflops=None)
+  with pytest.raises(ValueError, match="float16"):
+    peak_lib.choose("float16", "NVIDIA H200", measured_gflops=1.0)
+
+
+# ---------------------------------------------------------------- accelerator
+
+@pytest.mark.slow
+def test_accelerator_quick_form_writes_every_part(bible_data_dir, tmp_path):
+  """benchmarks/accelerator.sh --quick on the CPU: the loop against its step,
+  a short run's train.choose, and a bf16 step whose MFU divides by a bf16
+  peak, in one JSON."""
+  import json
+  import os
+  import subprocess
+  import sys
+  out = tmp_path / "accelerator.json"
+  root = pathlib.Path(__file__).resolve().parents[1]
+  env = dict(os.environ, PYTHON=sys.executable, DATA_DIR=str(bible_data_dir))
+  proc = subprocess.run(
+      ["bash", str(root / "benchmarks" / "accelerator.sh"), "--quick",
+       f"--out={out}"], capture_output=True, text=True, env=env, timeout=1800,
+      check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+  record = json.loads(out.read_text())
+  assert record["mode"] == "quick" and record["errors"] == []
+  loop = record["loop"]
+  assert loop["step_alone_steps_per_s"] > 0
+  for key in ("memory", "memory_prefetch2"):
+    assert loop[f"ratio_{key}"] == pytest.approx(
+        loop[f"loop_{key}_steps_per_s"] / loop["step_alone_steps_per_s"],
+        abs=2e-3)
+  assert record["choose"]["chosen"].startswith("--")
+  assert record["choose"]["seconds"] > 0
+  base = record["base_bf16"]
+  assert base["dtype"] == "bfloat16" and base["peak_dtype"] == "bfloat16"
+  assert base["peak_source"].startswith("measured:")   # a CPU: no datasheet
+  # achieved_gflops is printed to 0.1: a loose match, still far from the
+  # float32 peak the bf16 step was once divided by.
+  assert base["mfu"] == pytest.approx(
+      base["achieved_gflops"] / base["peak_gflops"], rel=0.1)
+
+
+def test_loop_is_timed_between_the_second_and_last_log_records():
+  from benchmarks import loop
+  records = [{"step": 1, "time": 0.0, "steps_per_sec": 1.0},
+             {"step": 20, "time": 10.0, "steps_per_sec": 2.0},
+             {"step": 20, "time": 10.5, "eval_loss": 3.0},   # not a log line
+             {"step": 40, "time": 12.0, "steps_per_sec": 10.0},
+             {"step": 60, "time": 14.0, "steps_per_sec": 10.0}]
+  assert loop.steady_steps_per_s(records) == pytest.approx(40 / 4.0)
+  with pytest.raises(ValueError, match="too few log records"):
+    loop.steady_steps_per_s(records[:2])

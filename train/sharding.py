@@ -133,11 +133,22 @@ def make_global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding
   than the spec (eval ``row_mask``, ``index``: ``[rows]``) use its leading
   entries. The global batch has ``rows * jax.process_count()`` rows.
   """
-  def put(x: np.ndarray) -> jax.Array:
-    spec = P(*tuple(sharding.spec)[:x.ndim])
-    return jax.make_array_from_process_local_data(
-        NamedSharding(sharding.mesh, spec), x)
-  return {k: put(np.asarray(v)) for k, v in batch.items()}
+  def target(x) -> NamedSharding:
+    return NamedSharding(sharding.mesh, P(*tuple(sharding.spec)[:x.ndim]))
+
+  def placed(x) -> bool:  # already a global array of this layout (prefetched)
+    return (isinstance(x, jax.Array) and
+            x.sharding.is_equivalent_to(target(x), x.ndim))
+
+  if all(placed(v) for v in batch.values()):
+    return dict(batch)
+  batch = {k: np.asarray(v) for k, v in batch.items()}
+  if jax.process_count() == 1:
+    # The local rows are the global batch: one batched device_put (measured
+    # ~2x faster on a CPU than one make_array_from_process_local_data per key).
+    return jax.device_put(batch, {k: target(v) for k, v in batch.items()})
+  return {k: jax.make_array_from_process_local_data(target(v), v)
+          for k, v in batch.items()}
 
 
 def with_shardings(abstract, shardings):
@@ -290,8 +301,18 @@ class PmapRunner(Runner):
     return self._replicate(jax.device_get(state))
 
   def place_batch(self, batch):
-    return {k: np.asarray(batch[k]).reshape(self.n, -1, *batch[k].shape[1:])
-            for k in BATCH_KEYS}
+    """Rows split over the local devices: [n_devices, rows / n, ...] arrays
+    on the devices (placed once, ahead of the step when prefetched)."""
+    out = {}
+    for k in BATCH_KEYS:
+      x = batch[k]
+      if isinstance(x, jax.Array) and x.shape[:1] == (self.n,):
+        out[k] = x   # placed already
+      else:
+        x = np.asarray(x)
+        out[k] = jax.device_put(x.reshape(self.n, -1, *x.shape[1:]),
+                                self._stacked)
+    return out
 
   def train_step(self, state, batch, rng):
     state, metrics = self._train(state, batch, rng)
