@@ -18,9 +18,10 @@ On one config (``--config``, with ``--preset`` and ``--vocab_size`` applied;
   loop without the input pipeline's cost.
 * ``loop_pipeline``: the same loop reading the real input pipeline (what
   ``python -m train`` does): bounded by the pipeline's batches/s.
-* ``loop_<feed>_prefetch<n>`` (``--prefetch``): the same, its train iterator
-  wrapped in ``train.prefetch.DevicePrefetch`` (n batches placed ahead by a
-  background thread), as the trainer runs with it.
+* ``loop_<feed>_prefetch<n>`` (``--prefetch``): the same with
+  ``config.device_prefetch=n`` (``train.prefetch.DevicePrefetch``: n batches
+  placed ahead by a background thread; the trainer's default is 2);
+  ``loop_<feed>`` alone is ``device_prefetch=0``.
 
 Loop steps/s are read from the run's own metrics.jsonl: (steps between the
 second and the last log record) / (seconds between them), so compilation,
@@ -102,10 +103,12 @@ def make_config(path: str, preset: str, vocab_size: int, data_dir: str,
   return config
 
 
-def loop_config(config, steps: int):
-  """A copy that trains ``steps`` steps with no periodic eval or checkpoint."""
+def loop_config(config, steps: int, prefetch: int = 0):
+  """A copy that trains ``steps`` steps with no periodic eval or checkpoint,
+  ``prefetch`` batches placed ahead (config.device_prefetch)."""
   import ml_collections  # pylint: disable=import-outside-toplevel
   c = ml_collections.ConfigDict(config.to_dict())
+  c.device_prefetch = prefetch
   c.num_train_steps = steps
   c.max_minutes = 0.0
   c.long_run_steps = 0
@@ -144,27 +147,6 @@ def time_step_alone(config, model_config, batch, steps: int) -> dict:
   return {"steps_per_s": steps / (time.perf_counter() - start)}
 
 
-@contextlib.contextmanager
-def with_prefetch(trainer, size: int):
-  """The trainer's train iterator wrapped in ``train.prefetch.DevicePrefetch``
-  (placed by the runner ``make_runner`` made, ``size`` batches ahead): the
-  loop as it runs with the prefetcher in place."""
-  from train.prefetch import DevicePrefetch  # pylint: disable=import-outside-toplevel
-  runners, make_runner, make_data = [], trainer.make_runner, trainer.make_data
-
-  def record_runner(*args, **kwargs):
-    runners.append(make_runner(*args, **kwargs))
-    return runners[-1]
-
-  def prefetched_data(*args, **kwargs):
-    train_iter, eval_data = make_data(*args, **kwargs)
-    return DevicePrefetch(train_iter, runners[-1].place_batch, size), eval_data
-
-  with mock.patch.object(trainer, "make_runner", record_runner), \
-       mock.patch.object(trainer, "make_data", prefetched_data):
-    yield
-
-
 def time_loop(config, base_workdir: str, batches, steps: int,
               profile: bool = False, prefetch: int = 0) -> dict:
   """One ``train_and_evaluate`` run; steps/s from its metrics.jsonl.
@@ -182,13 +164,11 @@ def time_loop(config, base_workdir: str, batches, steps: int,
     patches.enter_context(mock.patch.object(
         input_pipeline, "make_train_iterator",
         lambda *a, **k: MemoryBatches(batches)))
-  if prefetch:
-    patches.enter_context(with_prefetch(trainer, prefetch))
   profiler = cProfile.Profile() if profile else None
   with patches, contextlib.redirect_stdout(io.StringIO()):
     if profiler:
       profiler.enable()
-    trainer.train_and_evaluate(loop_config(config, steps), workdir)
+    trainer.train_and_evaluate(loop_config(config, steps, prefetch), workdir)
     if profiler:
       profiler.disable()
   records = read_metrics(workdir)
@@ -205,10 +185,10 @@ PIECES = (
     ("next(train_iter)", "__next__", ""),
     ("runner.place_batch", "place_batch", "sharding.py"),
     ("runner.train_step (dispatch)", "train_step", "sharding.py"),
-    ("metrics.add (waits for step n-1)", "add", "trainer.py"),
-    ("metrics.flush (fetch, at log steps)", "flush", "trainer.py"),
+    ("metrics.add (waits for step n-1)", "add", "periodic.py"),
+    ("metrics.flush (fetch, at log steps)", "flush", "periodic.py"),
     ("writer.write (logging)", "write", "metrics.py"),
-    ("stop.requested", "requested", "trainer.py"),
+    ("stop.requested", "requested", "stop.py"),
 )
 
 

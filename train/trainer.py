@@ -47,6 +47,7 @@ from train import workdir as workdir_lib
 from train import steps as steps_lib
 from train.batches import SyntheticBatches, SyntheticEval
 from train.metrics import MetricWriter
+from train.prefetch import DevicePrefetch
 from train.stop import StopRequest
 
 CONFIG_FILE = "config.json"
@@ -212,6 +213,9 @@ def setup(config, workdir, checkpoint_step: int | None = None) -> Run:
                           checkpoint_step, say)
   step = int(jax.device_get(runner.state_for_checkpoint(state).step))
   workdir_lib.check_steps_left(step, config.num_train_steps, ckpt.directory)
+  if config.device_prefetch > 0:   # after the restore: from its batch on
+    train_iter = DevicePrefetch(train_iter, runner.place_batch,
+                                config.device_prefetch)
   say_dropout_change(config, ckpt, step, model_config.dropout_rate, say)
   save_config(record, workdir)  # only once the config is known to fit
   say(f"Model: {model_config}")
@@ -318,6 +322,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     finally:
       writer.close()
       run.lock.release()
+      if isinstance(run.train_iter, DevicePrefetch):
+        run.train_iter.close()
   last["step"] = step
   say(f"Done at step {step} after {(time.time() - start_time) / 60:.1f} min; "
       f"checkpoints in {run.ckpt.directory}")

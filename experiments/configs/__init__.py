@@ -105,6 +105,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Deterministic random batches of the same format instead of the corpus:
   # for tests and throughput checks only.
   c.synthetic_data = False
+  # Training batches placed on the devices ahead of their step by a
+  # background thread (train/prefetch.py), so an accelerator never waits for
+  # the host to place one; 0 = placed by the loop itself.
+  c.device_prefetch = 2
 
   # Loss and optimiser (section 5.3, 5.4).
   c.label_smoothing = 0.1
