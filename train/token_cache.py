@@ -30,9 +30,7 @@ tokenizer does (tokenizer/training.py).
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import io
 import itertools
@@ -44,6 +42,8 @@ import time
 
 import numpy as np
 from etils import epath
+
+from train.datasets import sources
 
 FORMAT = 1  # bump when the file layout changes
 CHUNK = 8192  # sentences per worker task
@@ -174,17 +174,6 @@ def load(path: epath.Path) -> TokenizedSplit:
                              ("src_ids", "src_offsets", "tgt_ids", "tgt_offsets")})
 
 
-@contextlib.contextmanager
-def _local_lock(path: epath.Path):
-  lock_path = f"{path}.lock"
-  with open(lock_path, "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def load_or_build(data_config, tok, source, *, is_writer: bool | None = None,
                   wait_timeout_s: float = 3600.0) -> TokenizedSplit:
   """The ids of every pair of `source` (a PairSource), from the cache if there.
@@ -208,7 +197,7 @@ def load_or_build(data_config, tok, source, *, is_writer: bool | None = None,
     return _build(source, tok, workers, path)
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _local_lock(path):
+    with sources.file_lock(f"{path}.lock"):
       if path.exists():  # another process built it while we waited
         return load(path)
       return _build(source, tok, workers, path)

@@ -140,7 +140,14 @@ def _build_lock(name: str, data_dir: str | None):
     yield
     return
   os.makedirs(root, exist_ok=True)
-  lock_path = os.path.join(root, f".{name.replace('/', '_')}.build.lock")
+  with file_lock(os.path.join(root, f".{name.replace('/', '_')}.build.lock")):
+    yield
+
+
+@contextlib.contextmanager
+def file_lock(lock_path: str):
+  """An exclusive flock on ``lock_path`` (created) while the block runs:
+  one process of a machine at a time builds what the others then read."""
   with open(lock_path, "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
