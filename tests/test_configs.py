@@ -125,6 +125,12 @@ def test_bible_configs_shapes():
   assert (small.d_model, small.d_ff, small.num_encoder_layers) == (192, 768, 3)
   assert (base.d_model, base.d_ff, base.num_heads, base.num_encoder_layers,
           base.num_decoder_layers) == (512, 2048, 8, 6, 6)
+  # The dropout each trains at over its whole length: bible_es_en's
+  # long-run rule (0.1 from 2,750 steps); base's 0.3 at any length.
+  from train import run_length
+  assert run_length.dropout_for_length(cpu, 1000) == 0.0
+  assert run_length.dropout_for_length(cpu, 3000) == 0.1
+  assert run_length.dropout_for_length(accel, accel.num_train_steps) == 0.3
 
 
 @pytest.mark.parametrize("script, args, expected", [
