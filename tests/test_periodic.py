@@ -151,6 +151,8 @@ def test_evaluation_is_due_every_n_steps_and_at_an_end_but_a_signal():
   assert evaluation.due(10, "") and evaluation.due(20, "")
   assert not evaluation.due(11, "") and not evaluation.due(11, SIGNAL)
   assert evaluation.due(11, DONE) and evaluation.due(11, BUDGET)
+  # On a signal the save comes first, even at an evaluation step.
+  assert not evaluation.due(20, SIGNAL)
 
   class State:
     params, ema_params = "params", None

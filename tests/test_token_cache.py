@@ -2,6 +2,7 @@
 invalidation, parallel encoding, sharding, blocks and resume."""
 
 import collections
+import errno
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+import model
 import tokenizer as tokenizer_lib
 from experiments import configs
 from train import input_pipeline, packing, token_cache
@@ -252,9 +254,12 @@ def test_unwritable_cache_folder_says_which_setting(tsv_config, bible_tokenizer,
   config, _ = tsv_config
   source = sources.get_source(config, config.train_split)
 
-  def refuse(*args):
-    raise PermissionError(13, "Permission denied")
+  for error in (PermissionError(errno.EACCES, "Permission denied"),
+                OSError(errno.EROFS, "Read-only file system")):
+    def refuse(*args, error=error):
+      raise error
 
-  monkeypatch.setattr(token_cache, "save", refuse)
-  with pytest.raises(PermissionError, match="token_cache_dir"):
-    token_cache.load_or_build(config, bible_tokenizer, source)
+    monkeypatch.setattr(token_cache, "save", refuse)
+    # A ConfigError: python -m train reports it in one line, exit 2.
+    with pytest.raises(model.ConfigError, match="token_cache_dir"):
+      token_cache.load_or_build(config, bible_tokenizer, source)

@@ -189,6 +189,11 @@ def test_one_process_claims_its_workdir_once_another_is_refused(tmp_path):
   assert f"pid {os.getpid()}" in other.stdout
   first.release()
   assert not (tmp_path / workdir_lib.LOCK_FILE).exists()
+  # A refusal after the claim (in the plan or the trainer's setup) lets go.
+  with pytest.raises(workdir_lib.WorkdirError):
+    with workdir_lib.claim(tmp_path, tokenizer=False).released_on_error():
+      workdir_lib.check_steps_left(20, 10, tmp_path)
+  assert not (tmp_path / workdir_lib.LOCK_FILE).exists()
   again = subprocess.run([sys.executable, "-c", code, str(tmp_path)],
                          capture_output=True, text=True, cwd=ROOT, env=ENV)
   assert again.returncode == 0, again.stdout + again.stderr

@@ -22,7 +22,7 @@ from train import steps as steps_lib
 from train.batches import trim_padding
 from train.checkpointing import NonFiniteLossError
 from train.metrics import progress_line
-from train.stop import BUDGET, DONE
+from train.stop import BUDGET, DONE, SIGNAL
 from train.translation import DecodeOptions
 
 
@@ -187,7 +187,8 @@ class Evaluation:
     self.last: dict[str, float] = {}
 
   def due(self, step: int, end: str) -> bool:
-    return step % self.every == 0 or end in (DONE, BUDGET)
+    # On a signal (preemption) the save comes first and fast: no evaluation.
+    return end != SIGNAL and (step % self.every == 0 or end in (DONE, BUDGET))
 
   def bleu_due(self, step: int, end: str) -> bool:
     return bool(self.bleu) and (step % self.bleu_every == 0 or end == DONE or

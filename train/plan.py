@@ -30,6 +30,7 @@ import jax
 import ml_collections
 import numpy as np
 
+import tokenizer
 from model import ConfigError
 from train import checkpointing, periodic, run_length, trainer
 
@@ -120,7 +121,8 @@ def resumed_from(config, workdir, record: dict, checkpoint_step: int | None,
     if not steps and checkpoint_step is None:
       return 0, None
 
-    def read(step):
+    def read(step):   # the trainer's rule: a step without its files is damaged
+      checkpointing.check_complete(ckpt.directory, step)
       saved = ckpt.restore_config(step)
       checkpointing.check_tokenizer(saved, ckpt.tokenizer_fingerprint,
                                     ckpt.directory, step)
@@ -177,8 +179,15 @@ def planned_config(config, workdir, checkpoint_step: int | None = None,
   start_time = time.time() if start_time is None else start_time
   check_budget(config)
   config = ml_collections.ConfigDict(config.to_dict())
-  workdir, main_say, _ = trainer.open_workdir(config, workdir)
-  say = say or main_say
+  workdir, main_say, lock = trainer.open_workdir(config, workdir)
+  with lock.released_on_error():   # the training it plans takes it on
+    return _plan(config, workdir, say or main_say, checkpoint_step,
+                 start_time)
+
+
+def _plan(config, workdir, say, checkpoint_step: int | None,
+          start_time: float) -> ml_collections.ConfigDict:
+  """planned_config's work, once the workdir is claimed."""
   say(f"Planning --config.max_minutes={config.max_minutes:g} in {workdir}: "
       f"the tokenizer and data, then timing {config.budget_timing_steps} "
       "steps after the compiling one, a validation pass and (where the run "
@@ -286,7 +295,9 @@ def main(argv) -> None:
   try:
     # The budget is the training launch's: this command's time is not in it.
     planned = planned_config(config, entry._WORKDIR.value, step)  # pylint: disable=protected-access
-  except (ConfigError, checkpointing.IncompatibleCheckpointError) as e:
+  except (ConfigError, checkpointing.IncompatibleCheckpointError,
+          checkpointing.CheckpointNotFoundError,
+          tokenizer.TokenizerFileError) as e:
     entry._usage_error(str(e))  # pylint: disable=protected-access
   print(run_flags(planned), flush=True)
   sys.exit(0)

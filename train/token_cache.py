@@ -30,6 +30,7 @@ tokenizer does (tokenizer/training.py).
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import dataclasses
 import hashlib
 import io
@@ -43,7 +44,12 @@ import time
 import numpy as np
 from etils import epath
 
+from model import ConfigError
 from train.datasets import sources
+
+class TokenCacheError(ConfigError):
+  """The token cache's folder cannot be written (a usage error: exit 2)."""
+
 
 FORMAT = 1  # bump when the file layout changes
 CHUNK = 8192  # sentences per worker task
@@ -201,10 +207,12 @@ def load_or_build(data_config, tok, source, *, is_writer: bool | None = None,
       if path.exists():  # another process built it while we waited
         return load(path)
       return _build(source, tok, workers, path)
-  except PermissionError as e:
-    raise PermissionError(
-        f"Cannot write the token cache {path} ({e.strerror}). Set "
-        "config.data.token_cache_dir to a writable folder.") from e
+  except OSError as e:
+    if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+      raise
+    raise TokenCacheError(
+        f"cannot write the token cache {path} ({e.strerror}): set "
+        "--config.data.token_cache_dir to a writable folder") from e
 
 
 def _build(source, tok, workers: int, path: epath.Path) -> TokenizedSplit:

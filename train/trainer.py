@@ -199,33 +199,34 @@ def setup(config, workdir, checkpoint_step: int | None = None) -> Run:
   (restored or new), the resolved config written to config.json."""
   config = run_length.for_fixed_length(config)  # refused before any work
   workdir, say, lock = open_workdir(config, workdir)
-  say(f"Preparing data and tokenizer in {workdir} ...")
-  tok, vocab_size = load_tokenizer(config, workdir)
-  model_config = model_config_for(config, vocab_size)
-  record = checkpointing.config_record(config, model_config)
-  runner = make_runner(config, model_config)
-  ckpt = checkpointing.Checkpointer(
-      workdir, config.checkpoint, bleu=config.eval_bleu_every_steps > 0,
-      tokenizer=tok)
-  train_iter, eval_data = make_data(config, tok, vocab_size)
-  init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
-  state = restore_or_init(ckpt, runner, train_iter, record, init_rng,
-                          checkpoint_step, say)
-  step = int(jax.device_get(runner.state_for_checkpoint(state).step))
-  workdir_lib.check_steps_left(step, config.num_train_steps, ckpt.directory)
-  if config.device_prefetch > 0:   # after the restore: from its batch on
-    train_iter = DevicePrefetch(train_iter, runner.place_batch,
-                                config.device_prefetch)
-  say_dropout_change(config, ckpt, step, model_config.dropout_rate, say)
-  save_config(record, workdir)  # only once the config is known to fit
-  say(f"Model: {model_config}")
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
-      runner.abstract_state().params))
-  say(f"{num_params:,} parameters; step {step}; devices: "
-      f"{jax.device_count()} ({jax.process_count()} processes), parallelism="
-      f"{config.parallelism}")
-  return Run(config, workdir, say, lock, tok, model_config, record, runner, ckpt,
-             train_iter, eval_data, state, step, dropout_rng)
+  with lock.released_on_error():
+    say(f"Preparing data and tokenizer in {workdir} ...")
+    tok, vocab_size = load_tokenizer(config, workdir)
+    model_config = model_config_for(config, vocab_size)
+    record = checkpointing.config_record(config, model_config)
+    runner = make_runner(config, model_config)
+    ckpt = checkpointing.Checkpointer(
+        workdir, config.checkpoint, bleu=config.eval_bleu_every_steps > 0,
+        tokenizer=tok)
+    train_iter, eval_data = make_data(config, tok, vocab_size)
+    init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
+    state = restore_or_init(ckpt, runner, train_iter, record, init_rng,
+                            checkpoint_step, say)
+    step = int(jax.device_get(runner.state_for_checkpoint(state).step))
+    workdir_lib.check_steps_left(step, config.num_train_steps, ckpt.directory)
+    say_dropout_change(config, ckpt, step, model_config.dropout_rate, say)
+    save_config(record, workdir)  # only once the config is known to fit
+    say(f"Model: {model_config}")
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
+        runner.abstract_state().params))
+    say(f"{num_params:,} parameters; step {step}; devices: "
+        f"{jax.device_count()} ({jax.process_count()} processes), parallelism="
+        f"{config.parallelism}")
+    if config.device_prefetch > 0:   # after the restore: from its batch on
+      train_iter = DevicePrefetch(train_iter, runner.place_batch,
+                                  config.device_prefetch)
+    return Run(config, workdir, say, lock, tok, model_config, record, runner, ckpt,
+               train_iter, eval_data, state, step, dropout_rng)
 
 
 def say_dropout_change(config, ckpt, step: int, rate: float, say) -> None:
@@ -288,42 +289,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   writer = MetricWriter(run.workdir, enabled=sharding.is_main_process(),
                         start_step=run.step)
   stop = StopRequest(config.max_minutes, start_time)
-  log = periodic.Log(config.log_every_steps, total, writer, say, stop)
-  evaluation = periodic.Evaluation(config, runner, run.model_config, run.tok,
-                                   run.eval_data, writer, say, stop)
-  checkpoints = periodic.Checkpoints(run.ckpt, config.checkpoint_every_steps,
-                                     runner, run.train_iter, run.record)
-  say(f"Training to step {total}" + (f" or for {config.max_minutes:g} min"
-                                      if config.max_minutes > 0 else "")
-      + " (the first step compiles; it can take a while)")
   last, end = {}, ""
   try:
-    with stop:
-      for step in range(run.step + 1, total + 1):
-        state, step_metrics = runner.train_step(
-            state, runner.place_batch(next(run.train_iter)), run.dropout_rng)
-        log.add(step, step_metrics)
-        end = stop.end(step, total, step % config.log_every_steps == 0)
-        due = [a for a in (evaluation, checkpoints) if a.due(step, end)]
-        if log.due(step) or due:  # the loss is checked before any eval / save
-          last.update(log(step, checkpoints))
-        if evaluation in due:
-          last.update(evaluation(step, state, end))
-        if checkpoints in due:
-          checkpoints(step, state, evaluation.last if evaluation in due
-                      else None)
-        if end:
-          break
+    log = periodic.Log(config.log_every_steps, total, writer, say, stop)
+    evaluation = periodic.Evaluation(config, runner, run.model_config, run.tok,
+                                     run.eval_data, writer, say, stop)
+    checkpoints = periodic.Checkpoints(run.ckpt, config.checkpoint_every_steps,
+                                       runner, run.train_iter, run.record)
+    say(f"Training to step {total}" + (f" or for {config.max_minutes:g} min"
+                                        if config.max_minutes > 0 else "")
+        + " (the first step compiles; it can take a while)")
+    with stop:  # a signal during the final save (ckpt.close) changes nothing
+      try:
+        for step in range(run.step + 1, total + 1):
+          state, step_metrics = runner.train_step(
+              state, runner.place_batch(next(run.train_iter)), run.dropout_rng)
+          log.add(step, step_metrics)
+          end = stop.end(step, total, step % config.log_every_steps == 0)
+          due = [a for a in (evaluation, checkpoints) if a.due(step, end)]
+          if log.due(step) or due:  # the loss is checked before any eval / save
+            last.update(log(step, checkpoints))
+          if evaluation in due:
+            last.update(evaluation(step, state, end))
+          if checkpoints in due:
+            checkpoints(step, state, evaluation.last if evaluation in due
+                        else None)
+          if end:
+            break
+      finally:
+        run.ckpt.close()  # waits for the last save: CheckpointWriteError if it failed
     if stop.message(step, end):
       say(stop.message(step, end))
   finally:
-    try:
-      run.ckpt.close()  # waits for the last save: CheckpointWriteError if it failed
-    finally:
-      writer.close()
-      run.lock.release()
-      if isinstance(run.train_iter, DevicePrefetch):
-        run.train_iter.close()
+    writer.close()
+    run.lock.release()
+    if isinstance(run.train_iter, DevicePrefetch):
+      run.train_iter.close()
   last["step"] = step
   say(f"Done at step {step} after {(time.time() - start_time) / 60:.1f} min; "
       f"checkpoints in {run.ckpt.directory}")

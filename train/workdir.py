@@ -22,6 +22,7 @@ only process 0 of a multi-host run takes the lock.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -54,6 +55,15 @@ class Lock:
     self.path, self._fd = path, fd
     if fd is not None:
       atexit.register(self.release)
+
+  @contextlib.contextmanager
+  def released_on_error(self):
+    """Releases the lock if the block raises (a refusal after the claim)."""
+    try:
+      yield
+    except BaseException:
+      self.release()
+      raise
 
   def release(self) -> None:
     if self._fd is None:

@@ -173,6 +173,9 @@ def _tfds_source(data_config, split: str) -> PairSource:
   info = getattr(records, "dataset_info", None)
   identity = {"name": data_config.name, "split": split,
               "version": str(info.version) if info else "",
+              # Another build of the same name and version elsewhere (a
+              # shared token_cache_dir) is another corpus until shown equal.
+              "data_dir": str(info.data_dir) if info else "",
               "size": len(records), "src": data_config.source_lang,
               "tgt": data_config.target_lang}
   return PairSource(
