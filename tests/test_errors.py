@@ -223,7 +223,14 @@ def test_train_usage_errors(tmp_path):
         "--config.optimizer.ema_decay=1.5"], ["ema_decay=1.5", "[0, 1)"]),
       (["--config=experiments/configs/tiny.py"], ["--workdir is required"]),
       (["--config=experiments/configs/tiny.py", f"--workdir={tmp_path}",
-        "--checkpoint=soon"], ["--checkpoint=soon"])):
+        "--checkpoint=soon"], ["--checkpoint=soon"]),
+      # A step the workdir lacks: refused before a tokenizer trains, with a
+      # budget (planned first) or without.
+      (["--config=experiments/configs/tiny.py", f"--workdir={tmp_path}",
+        "--checkpoint=7"], ["no checkpoint of step 7", "steps: none"]),
+      (["--config=experiments/configs/tiny.py", f"--workdir={tmp_path}",
+        "--checkpoint=7", "--config.max_minutes=1"],
+       ["no checkpoint of step 7"])):
     proc = _train(*args)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()

@@ -475,6 +475,19 @@ def check_complete(directory, step: int) -> None:
     if not path.exists():
       raise DamagedCheckpointError(f"{path} is missing")
 
+def require_step(directory, steps: Sequence[int] | None, wanted: int | None
+                 ) -> None:
+  """CheckpointNotFoundError unless ``wanted`` (None: any) is among
+  ``steps`` (None: the complete steps in ``directory``)."""
+  if wanted is None:
+    return
+  steps = complete_steps(epath.Path(directory)) if steps is None else steps
+  if wanted not in steps:
+    raise CheckpointNotFoundError(
+        f"no checkpoint of step {wanted} in {directory}; steps: "
+        f"{list(steps) or 'none'}")
+
+
 def restore_newest(directory, steps: Sequence[int], wanted: int | None,
                    restore) -> tuple[int, Any, list[int]]:
   """(step, restore(step), newer steps skipped) for the step to resume from.
@@ -485,10 +498,7 @@ def restore_newest(directory, steps: Sequence[int], wanted: int | None,
   IncompatibleCheckpointError is never skipped. Nothing is deleted.
   """
   if wanted is not None:
-    if wanted not in steps:
-      raise CheckpointNotFoundError(
-          f"no checkpoint of step {wanted} in {directory}; steps: "
-          f"{list(steps) or 'none'}")
+    require_step(directory, steps, wanted)
     return wanted, restore(wanted), []
   skipped = []
   for step in sorted(steps, reverse=True):

@@ -188,6 +188,9 @@ def planned_config(config, workdir, checkpoint_step: int | None = None,
 def _plan(config, workdir, say, checkpoint_step: int | None,
           start_time: float) -> ml_collections.ConfigDict:
   """planned_config's work, once the workdir is claimed."""
+  # Before a tokenizer trains: --checkpoint names a step that is there.
+  checkpointing.require_step(checkpointing.checkpoint_dir(workdir), None,
+                             checkpoint_step)
   say(f"Planning --config.max_minutes={config.max_minutes:g} in {workdir}: "
       f"the tokenizer and data, then timing {config.budget_timing_steps} "
       "steps after the compiling one, a validation pass and (where the run "
@@ -282,8 +285,10 @@ def run_flags(config) -> str:
 def main(argv) -> None:
   """python -m train.plan: the planned run's flags on the last line."""
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import flags, logging  # pylint: disable=g-import-not-at-top
   from train import __main__ as entry, cli  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)   # as python -m train
+  checkpointing.quiet_closed_loop_callbacks()
   minutes = flags.FLAGS.minutes
   if minutes <= 0:
     entry._usage_error(f"--minutes={minutes:g}: give the budget in minutes, "  # pylint: disable=protected-access

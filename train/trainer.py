@@ -200,6 +200,8 @@ def setup(config, workdir, checkpoint_step: int | None = None) -> Run:
   config = run_length.for_fixed_length(config)  # refused before any work
   workdir, say, lock = open_workdir(config, workdir)
   with lock.released_on_error():
+    checkpointing.require_step(checkpointing.checkpoint_dir(workdir), None,
+                               checkpoint_step)   # before a tokenizer trains
     say(f"Preparing data and tokenizer in {workdir} ...")
     tok, vocab_size = load_tokenizer(config, workdir)
     model_config = model_config_for(config, vocab_size)
