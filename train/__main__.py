@@ -100,7 +100,7 @@ def main(argv):
   import tokenizer  # pylint: disable=g-import-not-at-top
   from model import ConfigError  # pylint: disable=g-import-not-at-top
   from train import checkpointing, cli, interrupts, plan, trainer  # pylint: disable=g-import-not-at-top
-  checkpointing.quiet_closed_loop_callbacks()
+  checkpointing.quiet_abandoned_checkpoint_io()
   logging.set_verbosity(logging.WARNING)
   cli.use_compilation_cache()  # a resumed run reads its programs back
   try:

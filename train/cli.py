@@ -84,8 +84,8 @@ def run_command(main: Callable[[Sequence[str]], int], argv: Sequence[str]
 
   Compiled programs are cached on disk for the next command
   (``use_compilation_cache``); TensorStore's callbacks on closed loops stay
-  quiet (``checkpointing.quiet_closed_loop_callbacks``)."""
-  checkpointing.quiet_closed_loop_callbacks()
+  quiet (``checkpointing.quiet_abandoned_checkpoint_io``)."""
+  checkpointing.quiet_abandoned_checkpoint_io()
   use_compilation_cache()
   try:
     return main(argv)

@@ -288,7 +288,7 @@ def main(argv) -> None:
   from absl import flags, logging  # pylint: disable=g-import-not-at-top
   from train import __main__ as entry, cli  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)   # as python -m train
-  checkpointing.quiet_closed_loop_callbacks()
+  checkpointing.quiet_abandoned_checkpoint_io()
   minutes = flags.FLAGS.minutes
   if minutes <= 0:
     entry._usage_error(f"--minutes={minutes:g}: give the budget in minutes, "  # pylint: disable=protected-access

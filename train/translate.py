@@ -145,7 +145,7 @@ def run(argv: Sequence[str], stdin: BinaryIO, stdout: TextIO,
 
 
 def main(argv: Sequence[str]) -> int:
-  checkpointing.quiet_closed_loop_callbacks()
+  checkpointing.quiet_abandoned_checkpoint_io()
   cli.use_compilation_cache()
   return run(argv, sys.stdin.buffer, sys.stdout, sys.stderr)
 
