@@ -83,8 +83,8 @@ def run_command(main: Callable[[Sequence[str]], int], argv: Sequence[str]
   """main(argv) with a UsageError turned into one line and exit status 2.
 
   Compiled programs are cached on disk for the next command
-  (``use_compilation_cache``); TensorStore's callbacks on closed loops stay
-  quiet (``checkpointing.quiet_abandoned_checkpoint_io``)."""
+  (``use_compilation_cache``); what an abandoned Orbax read or write leaves
+  stays quiet (``checkpointing.quiet_abandoned_checkpoint_io``)."""
   checkpointing.quiet_abandoned_checkpoint_io()
   use_compilation_cache()
   try:
