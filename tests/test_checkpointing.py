@@ -117,8 +117,21 @@ def _kill_worker(workdir: str) -> None:
   ckpt = checkpointing.Checkpointer(workdir, config.checkpoint)
   ckpt.save(1, runner.place_state(_random_state(runner, 1)), None, record)
   ckpt.wait()
+  # Hold the save of step 2 at its last act, the rename of its temporary
+  # directory, so that the kill always lands mid-save however slow or fast
+  # this machine is.
+  import asyncio  # pylint: disable=g-import-not-at-top
+  from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
+
+  async def held(*_, **__):
+    await asyncio.sleep(3600)
+  atomicity.AtomicRenameTemporaryPath.finalize = held
   state2 = runner.place_state(_random_state(runner, 2))
   ckpt.save(2, state2, None, record)
+  temporary = ckpt.directory / "2.orbax-checkpoint-tmp"
+  deadline = time.time() + 60
+  while not temporary.exists() and time.time() < deadline:
+    time.sleep(0.05)
   print("SAVING 2", flush=True)
   time.sleep(120)
 

@@ -316,7 +316,7 @@ def test_falling_back_past_a_damaged_checkpoint_is_one_quiet_line(
   assert re.fullmatch(
       r"warning: skipping checkpoint step 20, which does not restore: "
       rf"{re.escape(str(damaged))}/checkpoints/20/state/?: array "
-      r"\S+ does not read \(\w+\)", lines[0]), lines[0]
+      r"\S+ does not read: [A-Z_]+: .+ \(\w+\)", lines[0]), lines[0]
   assert _checksums(damaged) == before
 
 
@@ -372,6 +372,10 @@ def test_the_debris_of_abandoned_checkpoint_reads_is_dropped():
     a_coroutine_of_the_project()
     gc.collect()
   """
+  # The coroutines Orbax leaves unawaited are the ones the filter names.
+  names = checkpointing._orbax_coroutine_names()  # pylint: disable=protected-access
+  assert {"_read_array_index_and_device_put", "async_deserialize"} <= set(names)
+  assert not {"read", "write", "exists"} & set(names)
   proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV,
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr
@@ -398,6 +402,53 @@ def test_a_step_without_its_metadata_is_damaged_for_train_and_evaluate(
   assert rc == 0, err[-3000:]
   assert "Resuming from step 10" in out
   assert f"{run}/checkpoints/20/state/_METADATA: missing" in err
+
+
+def test_readers_survive_a_training_pruning_the_steps_they_read(
+    run, monkeypatch, capsys):
+  # A training running in the workdir removes its oldest steps as it saves
+  # (max_to_keep); a reader can see a step listed and then gone. Made
+  # deterministically here: the step is removed at the moment it is read.
+  directory = checkpointing.checkpoint_dir(run)
+  spare = shutil.copytree(directory / "10", run.parent / "spare10")
+  real_manager, calls = inference.ocp.CheckpointManager, []
+
+  def pruned_while_listed(path, *args, **kwargs):
+    calls.append(path)
+    if len(calls) == 1:   # Orbax listed step 10, then stats it: gone
+      shutil.rmtree(directory / "10")
+      raise FileNotFoundError(2, "No such file or directory",
+                              str(directory / "10"))
+    return real_manager(path, *args, **kwargs)
+  monkeypatch.setattr(inference.ocp, "CheckpointManager", pruned_while_listed)
+  _, _, _, used = inference.load_params(run)
+  assert used == [20] and len(calls) == 2
+
+  # A step removed while its params are read, for an average.
+  shutil.copytree(spare, directory / "10")
+  real_params = inference._Reader.params
+
+  def pruned_while_read(self, step, *args, **kwargs):
+    if step == 10:
+      shutil.rmtree(directory / "10")
+    return real_params(self, step, *args, **kwargs)
+  monkeypatch.setattr(inference._Reader, "params", pruned_while_read)
+  capsys.readouterr()
+  _, _, _, used = inference.load_params(run, average_last=2)
+  assert used == [20]
+  assert (f"warning: skipping checkpoint step 10: {directory}/10 was removed "
+          "while it was read (a training running in this workdir keeps only "
+          "its newest checkpoints)\n") in capsys.readouterr().err
+
+  # A missing file elsewhere is not a pruned step: raised at once.
+  def missing_elsewhere(path, *args, **kwargs):
+    calls.append(path)
+    raise FileNotFoundError(2, "No such file or directory", "/elsewhere/x")
+  monkeypatch.setattr(inference.ocp, "CheckpointManager", missing_elsewhere)
+  calls.clear()
+  with pytest.raises(FileNotFoundError):
+    inference.load_params(run)
+  assert len(calls) == 1
 
 
 # ---------------------------------------------------------------- mistakes

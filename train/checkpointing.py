@@ -538,12 +538,20 @@ def set_aside(directory: epath.Path, step: int) -> epath.Path:
 
 
 def warn_skipped(step: int, directory, error: BaseException) -> None:
-  """One line on stderr: which step was skipped, its file and the reason."""
-  where, reason = describe_restore_error(error)
+  """One line on stderr: which step was skipped, its file and the reason;
+  or, for a step that is gone (a training running in the workdir pruned it
+  while it was read), that it was removed."""
+  path = epath.Path(directory) / str(step)
+  if not path.exists():
+    line = (f"warning: skipping checkpoint step {step}: {path} was removed "
+            "while it was read (a training running in this workdir keeps "
+            "only its newest checkpoints)")
+  else:
+    where, reason = describe_restore_error(error)
+    line = (f"warning: skipping checkpoint step {step}, which does not "
+            f"restore: {where or path}: {reason}")
   # One write, so another thread's output cannot land inside the line.
-  sys.stderr.write(
-      f"warning: skipping checkpoint step {step}, which does not restore: "
-      f"{where or epath.Path(directory) / str(step)}: {reason}\n")
+  sys.stderr.write(line + "\n")
   sys.stderr.flush()
 
 
@@ -562,18 +570,34 @@ def describe_restore_error(error: BaseException) -> tuple[str | None, str]:
   files = re.findall(r'local file "([^"]+)"', text)
   base = re.search(r"'path': '(/[^']+)'", text)
   array = re.search(r"'path': '([^/'][^']*?)/?'", text)
+  text = _brief(text)
+  kind = type(error).__name__
+  if "while reading array" in text and array:
+    reason = f"array {array[1]} does not read"
+    cause = error.__cause__
+    if cause is not None and str(cause).strip():
+      # TensorStore's own error (its status: OUT_OF_RANGE, DATA_LOSS,
+      # PERMISSION_DENIED, RESOURCE_EXHAUSTED...) says why.
+      files += re.findall(r'local file "([^"]+)"', str(cause))
+      reason += f": {_brief(str(cause))}"
+      kind = type(cause).__name__
+  else:
+    reason = text
+  where = files[-1] if files else (base[1] if base else None)
+  if len(reason) > 240:
+    reason = reason[:240] + " ..."
+  return where, f"{reason} ({kind})"
+
+
+def _brief(text: str) -> str:
+  """An Orbax or TensorStore message without the spec or repr it carries
+  and without its 'local file' part (the file is named on its own): the
+  last two of its ': '-separated parts."""
   for cut in _NOISE:
     text = text.split(cut)[0]
   text = " ".join(text.split()).rstrip(" .:")
-  if "while reading array" in text and array:
-    reason = f"array {array[1]} does not read"
-  else:
-    parts = [p for p in text.split(": ") if "local file" not in p]
-    reason = ": ".join(parts[-2:]) if parts else text
-  where = files[-1] if files else (base[1] if base else None)
-  if len(reason) > 200:
-    reason = reason[:200] + " ..."
-  return where, f"{reason} ({type(error).__name__})"
+  parts = [p for p in text.split(": ") if "local file" not in p]
+  return ": ".join(parts[-2:]) if parts else text
 
 
 # A file of Orbax's or TensorStore's, and the form of TensorStore's errors
@@ -636,8 +660,11 @@ def _orbax_coroutine_names() -> list[str]:
     for value in list(vars(module).values()):
       members = vars(value).values() if isinstance(value, type) else [value]
       for member in members:
+        # Not the bare one-word names (read, write, exists): a coroutine of
+        # the project's own could share them.
         if (inspect.iscoroutinefunction(member) and
-            getattr(member, "__module__", "").startswith("orbax.")):
+            getattr(member, "__module__", "").startswith("orbax.") and
+            ("." in member.__qualname__ or "_" in member.__qualname__)):
           names.add(member.__qualname__)
   return sorted(names)
 

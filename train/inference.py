@@ -84,13 +84,27 @@ def check_workdir(workdir, need_tokenizer: bool = True) -> list[int]:
 class _Reader:
   """One read-only manager over a workdir's checkpoints: configs and params."""
 
+  # Tries at listing the steps while a training prunes them.
+  LISTING_TRIES = 5
+
   def __init__(self, workdir):
     self.directory = checkpointing.checkpoint_dir(workdir)
-    self.manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(read_only=True),
-        item_names=(checkpointing.STATE, checkpointing.CONFIG),
-        item_handlers={checkpointing.STATE: ocp.PyTreeCheckpointHandler(),
-                       checkpointing.CONFIG: ocp.JsonCheckpointHandler()})
+    for tries_left in reversed(range(self.LISTING_TRIES)):
+      try:
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(read_only=True),
+            item_names=(checkpointing.STATE, checkpointing.CONFIG),
+            item_handlers={checkpointing.STATE: ocp.PyTreeCheckpointHandler(),
+                           checkpointing.CONFIG: ocp.JsonCheckpointHandler()})
+        return
+      except FileNotFoundError as e:
+        # A training running in this workdir removed a step (its newest
+        # max_to_keep are kept) between Orbax's listing and its reading of
+        # that step's metadata: list again.
+        if not tries_left or not str(e.filename or "").startswith(
+            str(self.directory)):
+          raise
 
   def record(self, step: int) -> dict[str, Any]:
     return self.manager.restore(step, args=ocp.args.Composite(**{
