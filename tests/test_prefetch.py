@@ -37,9 +37,16 @@ def test_same_batches_in_order_placed_by_the_runner():
       assert isinstance(v, jax.Array)
       assert v.sharding.is_equivalent_to(runner.batch_sharding, 2)
       np.testing.assert_array_equal(np.asarray(v), want[k])
-  # A placed batch goes through place_batch unchanged (no second transfer).
-  again = runner.place_batch(got[0])
-  assert all(again[k] is got[0][k] for k in got[0])
+  # The training loop steps on prefetched batches as they are (no second
+  # transfer), and places the others itself, once.
+  from train import trainer
+  prefetched = DevicePrefetch(iter(list(batches)), runner.place_batch, size=2)
+  with prefetched:
+    assert trainer.placed_batches(prefetched, runner.place_batch) is prefetched
+  fed = next(trainer.placed_batches(iter(batches), runner.place_batch))
+  for k, v in fed.items():
+    assert v.sharding.is_equivalent_to(runner.batch_sharding, 2)
+    np.testing.assert_array_equal(np.asarray(v), batches[0][k])
 
 
 def test_state_is_the_last_batch_taken_not_the_read_ahead():

@@ -136,12 +136,6 @@ def make_global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding
   def target(x) -> NamedSharding:
     return NamedSharding(sharding.mesh, P(*tuple(sharding.spec)[:x.ndim]))
 
-  def placed(x) -> bool:  # already a global array of this layout (prefetched)
-    return (isinstance(x, jax.Array) and
-            x.sharding.is_equivalent_to(target(x), x.ndim))
-
-  if all(placed(v) for v in batch.values()):
-    return dict(batch)
   batch = {k: np.asarray(v) for k, v in batch.items()}
   if jax.process_count() == 1:
     # The local rows are the global batch: one batched device_put (measured
@@ -302,17 +296,10 @@ class PmapRunner(Runner):
 
   def place_batch(self, batch):
     """Rows split over the local devices: [n_devices, rows / n, ...] arrays
-    on the devices (placed once, ahead of the step when prefetched)."""
-    out = {}
-    for k in BATCH_KEYS:
-      x = batch[k]
-      if isinstance(x, jax.Array) and x.shape[:1] == (self.n,):
-        out[k] = x   # placed already
-      else:
-        x = np.asarray(x)
-        out[k] = jax.device_put(x.reshape(self.n, -1, *x.shape[1:]),
-                                self._stacked)
-    return out
+    on the devices."""
+    return {k: jax.device_put(
+        np.asarray(batch[k]).reshape(self.n, -1, *batch[k].shape[1:]),
+        self._stacked) for k in BATCH_KEYS}
 
   def train_step(self, state, batch, rng):
     state, metrics = self._train(state, batch, rng)

@@ -231,6 +231,14 @@ def setup(config, workdir, checkpoint_step: int | None = None) -> Run:
                train_iter, eval_data, state, step, dropout_rng)
 
 
+def placed_batches(train_iter, place: Callable):
+  """The batches the loop steps on, each placed on the devices once: a
+  DevicePrefetch's are placed ahead already, others as they are taken."""
+  if isinstance(train_iter, DevicePrefetch):
+    return train_iter
+  return map(place, train_iter)
+
+
 def say_dropout_change(config, ckpt, step: int, rate: float, say) -> None:
   """One line where a resumed run trains on at another dropout rate."""
   saved = ckpt.restore_config(step) if step > 0 else None
@@ -303,9 +311,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         + " (the first step compiles; it can take a while)")
     with stop:  # a signal during the final save (ckpt.close) changes nothing
       try:
+        batches = placed_batches(run.train_iter, runner.place_batch)
         for step in range(run.step + 1, total + 1):
-          state, step_metrics = runner.train_step(
-              state, runner.place_batch(next(run.train_iter)), run.dropout_rng)
+          state, step_metrics = runner.train_step(state, next(batches),
+                                                  run.dropout_rng)
           log.add(step, step_metrics)
           end = stop.end(step, total, step % config.log_every_steps == 0)
           due = [a for a in (evaluation, checkpoints) if a.due(step, end)]
