@@ -138,9 +138,13 @@ def tokenize_source(source, model_proto: bytes, workers: int = 0
                     ) -> TokenizedSplit:
   """Every pair of a PairSource -> TokenizedSplit."""
   pairs = source.get_many(range(len(source)))
-  src_ids, src_offsets = encode_texts(model_proto, [p["src"] for p in pairs], workers)
-  tgt_ids, tgt_offsets = encode_texts(model_proto, [p["tgt"] for p in pairs], workers)
-  return TokenizedSplit(src_ids, src_offsets, tgt_ids, tgt_offsets)
+  # Both sides in one call: one pool of worker processes, started once.
+  ids, offsets = encode_texts(
+      model_proto, [p["src"] for p in pairs] + [p["tgt"] for p in pairs],
+      workers)
+  n, middle = len(pairs), offsets[len(pairs)]
+  return TokenizedSplit(ids[:middle], offsets[:n + 1], ids[middle:],
+                        offsets[n:] - middle)
 
 
 # --- the cache file -----------------------------------------------------------------
