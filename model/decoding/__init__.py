@@ -60,22 +60,13 @@ Public functions: ``greedy_search``, ``beam_search``, ``sample``,
 # Relative imports: benchmarks.decode_ab loads another checkout's copy of
 # this package under another name, whose modules must import each other.
 from . import beam, beam_slots, cache, core, filters, greedy, segments
-from .beam import (BeamSearchResult, _beam_segment, _beam_start, _rows_done,
-                   beam_search)
-from .beam_slots import (_COPY_BLOCK, _SELF_ATTENTION_LEAVES, _TOP_K_BLOCK,
-                         _copy_histories, _gather_beams, _gather_histories,
-                         _keep_slots, top_k)
-from .cache import (_SELF_ATTENTION_CACHE, FIRST_CACHE_LEN, _cache_len,
-                    _grow_cache, cache_lengths)
-from .core import (ENCODER_LENGTH_MULTIPLE, NEG_INF, _cached_step, _encode,
-                   _encode_for_search, _forbid_empty_output, _mask_pad,
-                   _max_decode_len, _recomputed_step, decode_limits,
+from .beam import BeamSearchResult, beam_search
+# Private, read by tests of the beam's history copies.
+from .beam_slots import _COPY_BLOCK, _copy_histories, _keep_slots, top_k
+from .cache import FIRST_CACHE_LEN, cache_lengths
+from .core import (ENCODER_LENGTH_MULTIPLE, NEG_INF, decode_limits,
                    encoder_length, length_penalty, strip_special)
-from .filters import (_TOP_P_TOLERANCE, _check_knobs, _filter_logits,
-                      _sample_token, filter_logits, sample_token)
-from .greedy import (_argmax, _draw, _one_hypothesis_loop,
-                     _one_hypothesis_segment, _one_hypothesis_start,
-                     greedy_search, sample)
-from .segments import (_MIN_ROWS_DIVISOR, COMPACT_EVERY, MODES, Search,
-                       _put_rows, _take_rows, compacted_rows, run_one_loop,
-                       run_segments, search_mode)
+from .filters import filter_logits, sample_token
+from .greedy import greedy_search, sample
+from .segments import (COMPACT_EVERY, MODES, Search, compacted_rows,
+                       run_one_loop, run_segments, search_mode)

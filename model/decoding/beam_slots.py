@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .cache import _SELF_ATTENTION_CACHE
 from .core import NEG_INF
 
 
@@ -73,7 +74,6 @@ def _keep_slots(parent, beam_size: int):
   return slot, copied
 
 
-_SELF_ATTENTION_LEAVES = ("cached_key", "cached_value")
 # Histories are copied this many rows at a time: a gather and a scatter per
 # block and layer, where a slice and an update per row paid a loop
 # iteration's overhead per row (61 rows of a [256, 4, 64, 48] cache in six
@@ -116,7 +116,7 @@ def _copy_histories(cache, parent, slot, copied, beam_size: int):
                        rows + lanes)
 
     def one(path, x):
-      if path[-1].key not in _SELF_ATTENTION_LEAVES:
+      if path[-1].key not in _SELF_ATTENTION_CACHE:
         return x
       return x.at[target].set(x[source], mode="drop", unique_indices=True)
     return jax.tree_util.tree_map_with_path(one, cache)
@@ -143,7 +143,7 @@ def _gather_histories(cache, parent, slot, copied, beam_size: int):
   flat = (sentence * beam_size + source).reshape(-1)
 
   def one(path, x):
-    if path[-1].key not in _SELF_ATTENTION_LEAVES:
+    if path[-1].key not in _SELF_ATTENTION_CACHE:
       return x
     return x[flat]
   return jax.tree_util.tree_map_with_path(one, cache)

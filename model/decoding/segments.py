@@ -182,7 +182,6 @@ def run_segments(search: Search, src, max_decode_len: int, grow: bool,
   were dropped, each row's last state is gathered on the host (where a
   multi-host search's replicated outputs are read anyway).
   """
-  check_compact_every(compact_every)
   lengths = cache_lengths(max_decode_len, grow)
   state, step = search.start(lengths[0]), 0
   # Under an outer jax.jit nothing can be read between segments: one
