@@ -125,11 +125,8 @@ def main():
   from train import input_pipeline, token_cache  # pylint: disable=import-outside-toplevel
   from train.datasets import sources  # pylint: disable=import-outside-toplevel
 
-  results = []
-
   def emit(**record):
     print(json.dumps(record), flush=True)
-    results.append(record)
 
   config = configs.data_config()
   config.data_dir = args.data_dir or tempfile.mkdtemp(prefix="bench_tfds_")

@@ -125,6 +125,7 @@ def test_a_budget_needs_a_step_to_time():
     plan.check_budget(config)
 
 
+@pytest.mark.slow  # python -m train child processes that compile
 def test_a_budget_long_enough_turns_the_long_run_dropout_on(tmp_path):
   # The plan times 3 steps (after the compiling one) of a new model at
   # dropout 0; the 60-minute budget holds far more than long_run_steps=8,
@@ -178,6 +179,7 @@ def test_a_budget_long_enough_turns_the_long_run_dropout_on(tmp_path):
   assert without[5] != resumed[5]
 
 
+@pytest.mark.slow  # python -m train child processes that compile
 def test_budget_fixes_the_step_count_of_a_decaying_schedule(tmp_path):
   # A linear schedule with a 60-minute budget: the plan times 3 steps and a
   # validation pass of a new model, then fixes the step count: here
@@ -219,6 +221,7 @@ def test_budget_fixes_the_step_count_of_a_decaying_schedule(tmp_path):
   assert sorted(per_step(planned, "train_loss")) == list(range(1, 13))
 
 
+@pytest.mark.slow  # python -m train child processes that compile
 def test_plan_command_prints_the_run_flags(tmp_path):
   # python -m train.plan: the planned run's flags on its last line; the
   # step count a short budget holds on the tiny model, capped by
@@ -241,6 +244,7 @@ def test_plan_command_prints_the_run_flags(tmp_path):
   assert "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow  # python -m train child processes that compile
 def test_a_budget_that_cannot_be_planned_is_refused_before_any_work(tmp_path):
   # Exit 2, one line, nothing written: a decaying schedule whose length and
   # dropout a budget would both have to fix.

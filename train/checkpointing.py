@@ -98,6 +98,10 @@ class TokenizerMismatchError(IncompatibleCheckpointError):
 class DamagedCheckpointError(ValueError):
   """A step's files are incomplete (skipped like any that does not restore)."""
 
+  def __init__(self, path):
+    super().__init__(f"{path} is missing")
+    self.path = str(path)
+
 
 def checkpoint_dir(workdir) -> epath.Path:
   """<workdir>/checkpoints, absolute (Orbax refuses relative local paths)."""
@@ -475,7 +479,7 @@ def check_complete(directory, step: int) -> None:
   for name in REQUIRED_FILES:
     path = epath.Path(directory) / str(step) / name
     if not path.exists():
-      raise DamagedCheckpointError(f"{path} is missing")
+      raise DamagedCheckpointError(path)
 
 def require_step(directory, steps: Sequence[int] | None, wanted: int | None
                  ) -> None:
@@ -564,8 +568,7 @@ def describe_restore_error(error: BaseException) -> tuple[str | None, str]:
   """(the damaged file if the error names one, the reason in a few words)
   from an exception Orbax or TensorStore raised while restoring."""
   if isinstance(error, DamagedCheckpointError):
-    path = str(error).removesuffix(" is missing")
-    return path, "missing"
+    return error.path, "missing"
   text = str(error).strip() or type(error).__name__
   files = re.findall(r'local file "([^"]+)"', text)
   base = re.search(r"'path': '(/[^']+)'", text)

@@ -179,11 +179,8 @@ def claim(workdir, tokenizer: bool = True, main: bool = True) -> Lock:
       raise
     raise WorkdirError(f"--workdir={workdir}: cannot write it ({e.strerror})"
                        "; pass a directory you can write") from None
-  try:
+  with lock.released_on_error():
     if tokenizer:
       _check_tokenizer(path)
-  except BaseException:
-    lock.release()
-    raise
   _held[os.fspath(path)] = lock
   return lock
