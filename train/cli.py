@@ -176,7 +176,7 @@ def model_choice(f: flags.FlagValues) -> tuple[str, str | int, int, bool]:
   try:
     checkpoint = inference.parse_checkpoint(f.checkpoint)
     steps = inference.check_workdir(f.workdir)
-    inference.check_tokenizer(f.workdir)
+    record = inference.check_tokenizer(f.workdir)
   except (ValueError, FileNotFoundError) as e:
     raise UsageError(str(e)) from None
   if isinstance(checkpoint, int) and checkpoint not in steps:
@@ -184,7 +184,7 @@ def model_choice(f: flags.FlagValues) -> tuple[str, str | int, int, bool]:
                      f"in {f.workdir}; steps: {steps}")
   if f.average_last < 0:
     raise UsageError(f"--average_last={f.average_last}: use a count >= 0")
-  if f.ema and not inference.has_ema(inference.run_config(f.workdir).to_dict()):
+  if f.ema and not inference.has_ema(record["experiment"]):
     raise UsageError(f"--ema: the run in {f.workdir} kept no moving average of "
                      "its params (optimizer.ema_decay=0); drop --ema, or "
                      "train with --config.optimizer.ema_decay=0.99")

@@ -157,26 +157,31 @@ class _Reader:
     return (min if mode == "min" else max)(scored)[1]
 
 
-def run_config(workdir) -> ml_collections.ConfigDict:
-  """The run's experiment config, from its newest checkpoint that has one."""
-  steps = check_workdir(workdir, need_tokenizer=False)
-  reader = _Reader(workdir)
-  _, record, _ = checkpointing.restore_newest(reader.directory, steps, None,
-                                              reader.record)
-  return ml_collections.ConfigDict(record["experiment"])
-
-
-def check_tokenizer(workdir) -> None:
-  """Before a model loads: TokenizerFileError if the workdir's tokenizer
-  does not load, TokenizerMismatchError if its newest checkpoint that
-  restores records another tokenizer."""
-  tok = tokenizer_lib.load(tokenizer_lib.model_path(workdir))
-  steps = check_workdir(workdir)
+def _newest_record(workdir, need_tokenizer: bool
+                   ) -> tuple[epath.Path, int, dict[str, Any]]:
+  """(checkpoint directory, step, config record) of the newest checkpoint
+  whose record reads."""
+  steps = check_workdir(workdir, need_tokenizer=need_tokenizer)
   reader = _Reader(workdir)
   step, record, _ = checkpointing.restore_newest(reader.directory, steps,
                                                  None, reader.record)
-  checkpointing.check_tokenizer(record, tok.fingerprint, reader.directory,
-                                step)
+  return reader.directory, step, record
+
+
+def run_config(workdir) -> ml_collections.ConfigDict:
+  """The run's experiment config, from its newest checkpoint that has one."""
+  _, _, record = _newest_record(workdir, need_tokenizer=False)
+  return ml_collections.ConfigDict(record["experiment"])
+
+
+def check_tokenizer(workdir) -> dict[str, Any]:
+  """Before a model loads: TokenizerFileError if the workdir's tokenizer
+  does not load, TokenizerMismatchError if its newest checkpoint that
+  restores records another tokenizer. Returns that checkpoint's record."""
+  tok = tokenizer_lib.load(tokenizer_lib.model_path(workdir))
+  directory, step, record = _newest_record(workdir, need_tokenizer=True)
+  checkpointing.check_tokenizer(record, tok.fingerprint, directory, step)
+  return record
 
 
 class NoMovingAverageError(checkpointing.IncompatibleCheckpointError):
