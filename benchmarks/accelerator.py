@@ -36,6 +36,8 @@ import sys
 import tempfile
 import time
 
+from benchmarks.run_all import json_lines
+
 CONFIG = "experiments/configs/bible_es_en.py"
 
 # (part, limit in seconds) of the full form; the sum stays under 8 minutes.
@@ -106,11 +108,6 @@ def _tail(text, lines: int = 15) -> str:
   if isinstance(text, bytes):
     text = text.decode(errors="replace")
   return "\n".join((text or "").splitlines()[-lines:])
-
-
-def json_lines(stdout: str) -> list[dict]:
-  return [json.loads(line) for line in stdout.splitlines()
-          if line.startswith("{")]
 
 
 def summarize_choose(result: dict) -> dict:

@@ -34,7 +34,8 @@ def _load() -> list[float] | None:
   return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
-def _json_lines(text: str) -> list[dict]:
+def json_lines(text: str) -> list[dict]:
+  """The JSON records a benchmark printed, one a line (other lines skipped)."""
   records = []
   for line in text.splitlines():
     line = line.strip()
@@ -56,7 +57,7 @@ def _subprocess(name: str, args: list[str], timeout: float) -> dict:
     return {"name": name, "error": f"timed out after {timeout} s"}
   sys.stdout.write(proc.stdout)
   result = {"name": name, "seconds": round(time.perf_counter() - start, 1),
-            "records": _json_lines(proc.stdout)}
+            "records": json_lines(proc.stdout)}
   if proc.returncode:
     result["error"] = proc.stderr.strip().splitlines()[-5:]
   return result

@@ -6,22 +6,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model import EOS_ID, PAD_ID, TransformerConfig, init_params
+from model import EOS_ID, PAD_ID
 from model import decoding
 from train import evaluate
 from train.translation import DecodeOptions
 
-CONFIG = TransformerConfig.preset("tiny", num_encoder_layers=1,
-                                  num_decoder_layers=1, dropout_rate=0.0)
+from test_decoding import CONFIG, _peaky_params
 
 
 @pytest.fixture(scope="module")
 def params():
-  """Random params with larger embeddings: peakier, more varied outputs."""
-  params = jax.jit(init_params, static_argnums=0)(CONFIG, jax.random.key(0))
-  emb = params["shared_embedding"]["embedding"]
-  params["shared_embedding"]["embedding"] = emb * 4.0
-  return params
+  return _peaky_params(CONFIG, 0)
 
 
 def _sources(lengths, seed: int, width: int):

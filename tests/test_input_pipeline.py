@@ -3,7 +3,6 @@
 import collections
 import json
 
-import flax
 import jax
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from train import sharding as sharding_lib
 from train.datasets import sources
 from experiments import configs
 from train.batches import BATCH_KEYS
+from train.steps import TrainState
 
 ROWS = 32
 
@@ -130,23 +130,15 @@ def test_resume_from_state_gives_identical_batches(small_config, bible_tokenizer
     assert all((got[k] == want[k]).all() for k in BATCH_KEYS)
 
 
-@flax.struct.dataclass
-class _TinyState:
-  """The fields train/checkpointing.py saves, without a model."""
-
-  step: np.ndarray
-  params: dict
-  opt_state: dict
-  ema_params: dict | None = None
-
-
 def test_resume_through_the_trainers_checkpointer(small_config, bible_tokenizer, tmp_path):
   """The iterator state goes into the Orbax checkpoint via train/checkpointing.py."""
   config, _ = small_config
   it = input_pipeline.make_train_iterator(config, bible_tokenizer, ROWS)
   for _ in range(3):
     next(it)
-  state = _TinyState(np.array(3, np.int32), {"w": np.arange(4.0)}, {"m": np.zeros(2)})
+  # A train state without a model: the fields checkpoints save.
+  state = TrainState(step=np.array(3, np.int32), params={"w": np.arange(4.0)},
+                     opt_state={"m": np.zeros(2)})
   ckpt = checkpointing.Checkpointer(tmp_path / "ckpt")
   ckpt.save(3, state, it, {"note": "test"}, force=True)
   ckpt.wait()

@@ -41,7 +41,7 @@ import numpy as np
 from etils import epath
 
 import tokenizer as tokenizer_lib
-from model import ConfigError, TransformerConfig
+from model import TransformerConfig
 from train import checkpointing, input_pipeline, periodic, run_length, sharding
 from train import workdir as workdir_lib
 from train import steps as steps_lib
