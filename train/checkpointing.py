@@ -434,9 +434,11 @@ class Checkpointer:
 
 
 def check_compatible(checkpointer: Checkpointer, step: int,
-                     current: dict[str, Any]) -> None:
-  """Raises IncompatibleCheckpointError naming every mismatched field, or
-  TokenizerMismatchError if the checkpoint records another tokenizer."""
+                     current: dict[str, Any], warn: bool = True
+                     ) -> dict[str, Any]:
+  """The checkpoint's config record; IncompatibleCheckpointError naming
+  every mismatched field, or TokenizerMismatchError if it records another
+  tokenizer. ``warn``: log the config changes that do not prevent a resume."""
   saved = checkpointer.restore_config(step)
   check_tokenizer(saved, checkpointer.tokenizer_fingerprint,
                   checkpointer.directory, step)
@@ -447,9 +449,10 @@ def check_compatible(checkpointer: Checkpointer, step: int,
         "incompatible config:\n  " + "\n  ".join(fatal) +
         "\nUse a new --workdir, or set these fields back to the checkpoint's "
         "values to resume.")
-  if other:
+  if other and warn:
     logging.warning("Resuming step %d with config changes: %s", step,
                     "; ".join(other))
+  return saved
 
 
 def check_tokenizer(record: dict[str, Any], fingerprint: str | None,

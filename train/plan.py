@@ -123,12 +123,8 @@ def resumed_from(config, workdir, record: dict, checkpoint_step: int | None,
 
     def read(step):   # the trainer's rule: a step without its files is damaged
       checkpointing.check_complete(ckpt.directory, step)
-      saved = ckpt.restore_config(step)
-      checkpointing.check_tokenizer(saved, ckpt.tokenizer_fingerprint,
-                                    ckpt.directory, step)
-      if checkpointing.compare_configs(saved, record)[0]:
-        checkpointing.check_compatible(ckpt, step, record)  # names the fields
-      return saved
+      # The trainer, which resumes, warns of the harmless config changes.
+      return checkpointing.check_compatible(ckpt, step, record, warn=False)
     step, saved, _ = checkpointing.restore_newest(
         ckpt.directory, steps, checkpoint_step, read)
     return step, saved
