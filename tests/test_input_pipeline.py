@@ -4,6 +4,7 @@ import collections
 import json
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -189,6 +190,19 @@ def test_eval_batches_ordered_unpacked_and_padded(bible_config, bible_tokenizer)
   first = batches[0]
   assert bible_tokenizer.decode(first["src"][0]) == ev.sources[0]
   assert bible_tokenizer.decode(first["tgt"][3]) == ev.references[3]
+
+
+def test_eval_counts_the_pairs_it_truncates(bible_config, bible_tokenizer):
+  config = ml_collections.ConfigDict(bible_config.to_dict())
+  config.max_len = 24
+  ev = input_pipeline.make_eval_data(config, bible_tokenizer, 64, split="test")
+  src = bible_tokenizer.encode_batch(ev.sources)
+  tgt = bible_tokenizer.encode_batch(ev.references)
+  long = sum(len(s) > 24 or len(t) > 24 for s, t in zip(src, tgt))
+  assert 0 < long < len(ev.sources)
+  assert ev.stats == input_pipeline.LengthStats(len(ev.sources), 0, long)
+  row = next(ev.batches())
+  assert (row["src"][:, -1] != 0).any()   # cut at max_len, not dropped
 
 
 def test_make_global_batch(bible_config, bible_tokenizer):

@@ -329,17 +329,14 @@ def make_eval_data(
   source = sources.get_source(data_config, split or data_config.eval_split)
   pairs = source.get_many(range(len(source)))
   tokenized = token_cache.load_or_build(data_config, tok, source)
-  src_ids, tgt_ids = zip(*(tokenized.pair(i) for i in range(len(pairs)))) \
-      if pairs else ((), ())
-  stats = LengthStats(seen=len(pairs), truncated=sum(
-      len(s) > max_len or len(t) > max_len for s, t in zip(src_ids, tgt_ids)
-  ))
+  stats = limit_lengths(tokenized, np.arange(len(pairs)), max_len,
+                        "truncate").stats
   logging.info("%s: %d pairs, %d truncated to max_len=%d for evaluation.",
                source.description, stats.seen, stats.truncated, max_len)
 
   def make_row(index: int) -> dict[str, np.ndarray]:
     row = {"row_mask": np.int32(1), "index": np.int32(index)}
-    for side, ids in (("src", src_ids[index]), ("tgt", tgt_ids[index])):
+    for side, ids in zip(("src", "tgt"), tokenized.pair(index)):
       tokens, segment_ids, positions = _padded(ids, max_len)
       row[side] = tokens
       row[f"{side}_segment_ids"] = segment_ids
